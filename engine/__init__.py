@@ -1,0 +1,1 @@
+"""dmd-engine: wires models, losses, data and training together."""

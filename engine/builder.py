@@ -1,0 +1,109 @@
+"""The engine class: builds the teacher, the generator, the fake score, their optimisers and the EMA from a
+config. The trainer (engine/trainer.py) owns only the per-step maths.
+
+    teacher   mu_real, frozen                         (kind unet: diffusers folder; toy2d: exact mixture)
+    generator G, initialised from the teacher, run at its last timestep
+    fake      mu_fake, a trainable copy of the teacher (toy2d: a fresh MLP, warmed up on G's samples)
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import torch
+
+from models import Denoiser, OneStepGenerator, trainable_copy, weights_hash
+from models.toy import GaussianMixtureDenoiser, ToyGenerator, mlp_denoiser
+
+from .cli import DMDError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(p: str) -> Path:
+    """A path as given, else relative to the repository root (so shipped assets work from any cwd)."""
+    path = Path(p)
+    if path.exists() or path.is_absolute():
+        return path
+    return ROOT / path if (ROOT / path).exists() else path
+
+
+def load_teacher(cfg) -> tuple[Denoiser, str]:
+    """Returns (teacher, weights hash)."""
+    if cfg.model.kind == "toy2d":
+        t = GaussianMixtureDenoiser()
+        h = hashlib.sha256(repr((t.means.tolist(), t.std, t.log_w.tolist())).encode()).hexdigest()
+        return t, h
+    if cfg.model.kind != "unet":
+        raise DMDError(f"model.kind must be 'unet' or 'toy2d', got '{cfg.model.kind}'")
+    if not cfg.model.teacher:
+        raise DMDError("model.teacher is empty: set it to the teacher's diffusers folder")
+    folder = resolve_path(cfg.model.teacher)
+    teacher = Denoiser.from_pretrained(folder)
+    return teacher, weights_hash(folder)
+
+
+def load_generator(run_dir: Path, kind: str):
+    folder = Path(run_dir) / "generator"
+    if not folder.is_dir():
+        raise DMDError(f"'{run_dir}' holds no generator/ folder (not a finished or checkpointed run)")
+    return ToyGenerator.from_pretrained(folder) if kind == "toy2d" else OneStepGenerator.from_pretrained(folder)
+
+
+def _adamw(params, lr, tc):
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+
+
+class DMDModels:
+    def __init__(self, cfg, device="cpu"):
+        tc = cfg.train
+        self.cfg, self.device = cfg, torch.device(device)
+        self.teacher, self.teacher_hash = load_teacher(cfg)
+        self.teacher.to(self.device).eval().requires_grad_(False)
+        if cfg.model.kind == "toy2d":
+            self.generator = ToyGenerator(cfg.model.toy_hidden)
+            self.fake = mlp_denoiser(cfg.model.toy_hidden)
+        else:
+            self.generator = OneStepGenerator(trainable_copy(self.teacher))
+            self.fake = trainable_copy(self.teacher)
+        self.generator.to(self.device).train().requires_grad_(True)
+        self.fake.to(self.device).train().requires_grad_(True)
+        self.opt_g = _adamw(self.generator.parameters(), tc.lr_generator, tc)
+        self.opt_f = _adamw(self.fake.parameters(), tc.lr_fake, tc)
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval() if tc.ema_decay > 0 else None
+
+    @property
+    def num_classes(self):
+        return self.teacher.num_classes
+
+    @property
+    def sample_shape(self):
+        return tuple(self.teacher.sample_shape)
+
+    def sampling_generator(self):
+        """The generator that samples and exports use: the EMA when enabled."""
+        return self.ema if self.ema is not None else self.generator
+
+    @torch.no_grad()
+    def update_ema(self):
+        if self.ema is None:
+            return
+        d = self.cfg.train.ema_decay
+        for pe, pg in zip(self.ema.parameters(), self.generator.parameters()):
+            pe.lerp_(pg, 1 - d)
+
+    def state_dict(self):
+        s = {"generator": self.generator.state_dict(), "fake": self.fake.state_dict(),
+             "opt_g": self.opt_g.state_dict(), "opt_f": self.opt_f.state_dict()}
+        if self.ema is not None:
+            s["ema"] = self.ema.state_dict()
+        return s
+
+    def load_state_dict(self, s):
+        self.generator.load_state_dict(s["generator"])
+        self.fake.load_state_dict(s["fake"])
+        self.opt_g.load_state_dict(s["opt_g"])
+        self.opt_f.load_state_dict(s["opt_f"])
+        if self.ema is not None:
+            self.ema.load_state_dict(s["ema"])

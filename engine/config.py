@@ -1,0 +1,186 @@
+"""Config files: JSON, validated against dataclasses so a typo is one clear line naming the key.
+
+Each entry point has a schema (a dataclass of sections). Defaults live here, documented once.
+`--set section.key=value` on any command line overrides a value (the value is parsed as JSON when it can be).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# DMD distillation (engine/train.py, make_pairs.py, infer.py)
+@dataclass
+class ModelSection:
+    kind: str = "unet"                # "unet": teacher from a diffusers folder; "toy2d": analytic 2-D mixture
+    teacher: str = ""                 # the teacher's diffusers folder (kind = unet), relative to the cwd
+    toy_hidden: int = 128             # toy2d: width of the MLP generator and fake score
+
+
+@dataclass
+class DataSection:
+    dataset: str = "digits"           # "digits" (scikit-learn, embedded) or "toy2d"
+    resolution: int = 8               # digits: a multiple of 8 (8 is the data's own resolution)
+    pairs_dir: str = ""               # "" = OUT/pairs; set it to share pairs between runs
+    num_pairs: int = 2000             # regression pairs (z, y) made with the teacher's ODE sampler
+    pair_sampler: str = "heun"        # "heun" (EDM Alg. 1) or "ddim"
+    pair_steps: int = 18              # sampler grid points (heun: 2K-1 network evaluations)
+    pair_guidance: float = 1.0        # classifier-free guidance scale used for the pairs
+    pair_seed: int = 1_000_000        # pair i uses noise seed pair_seed + i
+    shard_size: int = 1000            # pairs per .npy shard
+    pair_batch_size: int = 250
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = 64              # generator samples per DM step
+    reg_batch_size: int = 32          # pairs per regression step
+    max_steps: int = 1000
+    lr_generator: float = 2e-5
+    lr_fake: float = 2e-5
+    betas: list = field(default_factory=lambda: [0.0, 0.99])
+    weight_decay: float = 0.0
+    fake_updates_per_generator: int = 1  # two-time-scale: fake-score updates per generator update (DMD2 uses 5-10)
+    fake_warmup_steps: int = 0        # fake-score-only steps before the first generator update
+    fake_score: str = "learned"       # "learned" (DMD) or "none" (real score only, the paper's Fig. 3 ablation)
+    fake_loss_weighting: str = "native"  # "native" (teacher's own loss) or "x0" (plain ||mu_fake - x||^2)
+    grad_clip: float = 10.0           # max global grad norm per model (0 = off)
+    ema_decay: float = 0.0            # generator EMA (0 = off); samples and exports use the EMA when on
+    dm_weight: float = 1.0            # 0 = ablation "without distribution matching"
+    reg_weight: float = 0.25          # lambda_reg (DMD Sec. 3.3); 0 = ablation "without regression"
+    regression_loss: str = "lpips"    # "lpips" (images) or "mse" (toy)
+    lpips_backbone: str = "pretrained"  # "pretrained" (torch cache) or "random" (tests/demo; printed in results)
+    lpips_net: str = "alex"
+    lpips_size: int = 64              # images are resized to this before LPIPS
+    min_t_frac: float = 0.02
+    max_t_frac: float = 0.98
+    real_guidance: float = 1.0        # CFG scale of the real score (text models: 3 for FID, 8 for quality)
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 250           # sample grid PNG every N steps (0 = off)
+    save_every: int = 500             # checkpoint every N steps (0 = only at the end)
+    threads: int = 0                  # torch CPU threads (0 = torch's default)
+
+
+@dataclass
+class EvalSection:
+    num_samples: int = 1800           # samples written to OUT/samples.npz at the end of a run
+    teacher_sampler: str = "heun"
+    teacher_steps: int = 18
+
+
+@dataclass
+class DMDConfig:
+    name: str = "run"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher training (engine/train_teacher.py)
+@dataclass
+class TeacherTrainSection:
+    steps: int = 8000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1        # share of labels replaced by the null class (enables guidance)
+    p_mean: float = -1.2              # EDM log-normal sigma sampling (Karras et al. 2022, Table 1)
+    p_std: float = 1.2
+    hflip: bool = False
+    seed: int = 0
+    eval_every: int = 2000
+    eval_samples: int = 360
+    threads: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "teacher"
+    data: DataSection = field(default_factory=DataSection)
+    unet: dict = field(default_factory=dict)       # UNet2DModel keyword arguments
+    scheduler: dict = field(default_factory=dict)  # diffusers scheduler config (_class_name + its keys)
+    train: TeacherTrainSection = field(default_factory=TeacherTrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+# ---------------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(value, tp, where: str):
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, d: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f"{where}: unknown key '{k}' (known: {', '.join(sorted(names))})")
+    kw = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
+    return cls(**kw)
+
+
+def parse(cls, d: dict, source: str = "config"):
+    """Build `cls` from a dict, raising ConfigError('<source>: key ... ') on the first bad key."""
+    try:
+        return _build(cls, d, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {str(e).lstrip(': ')}") from None
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return d
+
+
+def load(path: str | Path, cls=DMDConfig, overrides: list[str] | None = None):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config {path}: top level must be an object")
+    return parse(cls, apply_overrides(d, overrides), f"config {path}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,135 @@
+"""Evaluate samples: Frechet distance in digits-classifier feature space (via clean-fid), class accuracy,
+and Inception FID when the Inception weights are on disk.
+
+    python engine/evaluate.py samples.npz [--json metrics.json]
+    python engine/evaluate.py --real heldout        # the floor: held-out real digits vs training digits
+
+The reference is the training split. FD is biased by sample count, so every set is scored on subsets of
+the held-out split's size (360) and the mean (and std over subsets) is reported.
+"""
+import _bootstrap  # noqa: F401
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import cli
+from engine.builder import resolve_path
+from engine.data import from_uint8, load_digits, to_uint8
+from engine.features import CleanFIDExtractor, load_classifier
+
+CLASSIFIER = "assets/digits_classifier"
+INCEPTION_FILE = Path(tempfile.gettempdir()) / "inception-2015-12-05.pt"  # where clean-fid looks for it
+
+
+def read_samples(path) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    with np.load(path) as f:
+        if "images" not in f or "labels" not in f:
+            raise cli.DMDError(f"{path}: expected arrays 'images' (uint8 N×H×W×C) and 'labels' (N), found {list(f.keys())}")
+        img, lab = f["images"], f["labels"]
+    if img.dtype != np.uint8 or img.ndim != 4 or len(lab) != len(img):
+        raise cli.DMDError(f"{path}: 'images' must be uint8 N×H×W×C with one label each, got {img.dtype}{list(img.shape)}"
+                           f" and {len(lab)} labels")
+    return img, lab.astype(np.int64)
+
+
+def _write_pngs(images: np.ndarray, folder: Path) -> list[str]:
+    from PIL import Image
+    files = []
+    for i, im in enumerate(images):
+        f = folder / f"{i:06d}.png"
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(f)
+        files.append(str(f))
+    return files
+
+
+def clean_fid_features(images: np.ndarray, model, batch_size: int = 500) -> np.ndarray:
+    """Features through clean-fid's own file pipeline (PNG round trip, its loader), at native resolution."""
+    from cleanfid import fid
+    with tempfile.TemporaryDirectory() as d:
+        files = _write_pngs(images, Path(d))
+        return fid.get_files_features(files, model=model, num_workers=0, batch_size=batch_size,
+                                      device=torch.device("cpu"), mode="clean", custom_fn_resize=lambda x: x,
+                                      verbose=False)
+
+
+def frechet(feats: np.ndarray, ref_mu, ref_sigma) -> float:
+    from cleanfid import fid
+    return float(fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_mu, ref_sigma))
+
+
+class Evaluator:
+    def __init__(self, classifier=CLASSIFIER, resolution: int = 8):
+        self.clf = load_classifier(resolve_path(classifier))
+        self.extractor = CleanFIDExtractor(self.clf)
+        ref = to_uint8(load_digits("train", resolution)[0])
+        f = clean_fid_features(ref, self.extractor)
+        self.ref_mu, self.ref_sigma = f.mean(0), np.cov(f, rowvar=False)
+        self.subset = len(load_digits("heldout", resolution)[1])
+        self.ref_images = ref
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray, subsets: int = 5, seed: int = 0) -> dict:
+        feats = clean_fid_features(images, self.extractor)
+        n = min(self.subset, len(images))
+        rng = np.random.default_rng(seed)
+        fds = [frechet(feats[rng.permutation(len(feats))[:n]], self.ref_mu, self.ref_sigma) for _ in range(subsets)]
+        with torch.no_grad():
+            pred = self.clf(from_uint8(images)).argmax(1).numpy()
+        return {"fd": float(np.mean(fds)), "fd_std": float(np.std(fds)), "subset_size": n, "subsets": subsets,
+                "accuracy": float((pred == labels).mean()), "num_samples": len(images)}
+
+
+def inception_fid(images: np.ndarray, ref_images: np.ndarray) -> float | None:
+    if not INCEPTION_FILE.is_file():
+        return None
+    from cleanfid import fid
+    model = fid.build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
+    to3 = lambda a: np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+    with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+        _write_pngs(to3(images), Path(d1))
+        _write_pngs(to3(ref_images), Path(d2))
+        return float(fid.compute_fid(d1, d2, custom_feat_extractor=model, mode="clean", num_workers=0,
+                                     device=torch.device("cpu"), verbose=False))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", nargs="?", help=".npz with images (uint8 N×H×W×C) and labels")
+    p.add_argument("--real", choices=["heldout", "train"], help="score real digits instead of a file")
+    p.add_argument("--subsets", type=int, default=5)
+    p.add_argument("--classifier", default=CLASSIFIER)
+    p.add_argument("--json", help="also write the metrics here")
+    args = p.parse_args()
+    if not args.samples and not args.real:
+        p.error("give a samples .npz or --real heldout")
+    if args.real:
+        x, y = load_digits(args.real)
+        images, labels, name = to_uint8(x), y.numpy(), f"real {args.real} digits"
+    else:
+        images, labels = read_samples(args.samples)
+        name = args.samples
+    ev = Evaluator(args.classifier, images.shape[1])
+    m = ev(images, labels, args.subsets)
+    m["inception_fid"] = inception_fid(images, ev.ref_images)
+    print(f"{name}: {m['num_samples']} samples")
+    print(f"  Frechet distance (digits-classifier features, clean-fid, vs train, {m['subsets']} subsets of "
+          f"{m['subset_size']}): {m['fd']:.3f} ± {m['fd_std']:.3f}")
+    print(f"  class accuracy: {100 * m['accuracy']:.2f} %")
+    if m["inception_fid"] is None:
+        print(f"  Inception FID: not computed (Inception weights not found at {INCEPTION_FILE}; they cannot be "
+              f"downloaded here)")
+    else:
+        print(f"  Inception FID: {m['inception_fid']:.3f}")
+    if args.json:
+        cli.atomic_write_text(args.json, json.dumps({"samples": name, **m}, indent=2))
+
+
+if __name__ == "__main__":
+    cli.main_guard(main)

@@ -1,0 +1,87 @@
+"""Smoke runs of the real entry points, on a tiny random teacher and on the toy."""
+import json
+
+import numpy as np
+import torch
+
+from conftest import ROOT
+from test_config_cli import run
+
+
+def _cfg(tmp_path, teacher_dir, **train):
+    cfg = {"name": "smoke", "model": {"kind": "unet", "teacher": str(teacher_dir)},
+           "data": {"num_pairs": 24, "pair_steps": 3, "shard_size": 10, "pair_batch_size": 8},
+           "train": {"batch_size": 8, "reg_batch_size": 4, "max_steps": 4, "lpips_backbone": "random",
+                     "log_every": 1, "sample_every": 2, "save_every": 2, **train},
+           "eval": {"num_samples": 20}}
+    p = tmp_path / "smoke.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def test_train_writes_checkpoint_generator_and_samples(tmp_path, tiny_teacher_dir):
+    out = tmp_path / "run"
+    r = run("engine/train.py", "--config", str(_cfg(tmp_path, tiny_teacher_dir)), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("config.json", "log.jsonl", "pairs/manifest.json", "checkpoint/state.pt", "generator/unet/config.json",
+              "samples.npz", "grid.png", "summary.json", "grid_step000002.png"):
+        assert (out / f).exists(), f
+    logs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2, 3, 4]
+    assert all(k in logs[-1] for k in ("loss_dm", "loss_reg", "loss_fake", "grad_norm_g"))
+    with np.load(out / "samples.npz") as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (20, 8, 8, 1) and f["labels"].shape == (20,)
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == 4
+
+    # the generator really trained: its weights differ from the teacher's
+    from models import Denoiser, OneStepGenerator
+    g = OneStepGenerator.from_pretrained(out / "generator")
+    t = Denoiser.from_pretrained(tiny_teacher_dir)
+    diff = sum((a - b).abs().sum().item() for a, b in zip(g.denoiser.parameters(), t.parameters()))
+    assert diff > 0
+
+    # sampling from the run (one step) and from its teacher, then evaluation of the samples
+    r = run("engine/infer.py", "--checkpoint", str(out), "--num", "30", "--out", str(tmp_path / "s.npz"),
+            "--grid", str(tmp_path / "g.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("engine/infer.py", "--checkpoint", str(out), "--teacher", "--sampler", "ddim", "--steps", "3",
+            "--num", "12", "--out", str(tmp_path / "t.npz"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(tmp_path / "t.npz") as f:
+        assert f["images"].shape == (12, 8, 8, 1)
+    r = run("engine/evaluate.py", str(tmp_path / "s.npz"), "--subsets", "2", "--json", str(tmp_path / "m.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["fd"] > 0 and 0 <= m["accuracy"] <= 1 and m["num_samples"] == 30
+
+    # resume continues from the checkpoint's step
+    r = run("engine/train.py", "--config", str(_cfg(tmp_path, tiny_teacher_dir)), "--out", str(out), "--quiet",
+            "--resume", "--max-steps", "6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 6
+
+
+def test_corrupt_pairs_stop_training_with_the_file_named(tmp_path, tiny_teacher_dir):
+    cfg = _cfg(tmp_path, tiny_teacher_dir)
+    out = tmp_path / "run"
+    assert run("engine/make_pairs.py", "--config", str(cfg), "--out", str(out)).returncode == 0
+    f = out / "pairs" / "shard_00001.z.npy"
+    f.write_bytes(f.read_bytes()[:100])
+    r = run("engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet")
+    assert r.returncode == 2 and "shard_00001.z.npy" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_toy_run_writes_samples(tmp_path):
+    out = tmp_path / "toy"
+    r = run("engine/train.py", "--config", "configs/toy2d.json", "--out", str(out), "--quiet", "--max-steps", "20",
+            "--set", "train.fake_warmup_steps=5", "--set", "data.num_pairs=100", "--set", "eval.num_samples=50")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(out / "samples.npz") as f:
+        assert f["samples"].shape == (50, 2) and np.isfinite(f["samples"]).all()
+
+
+def test_evaluate_rejects_bad_npz(tmp_path):
+    np.savez(tmp_path / "bad.npz", pictures=np.zeros((3, 8, 8, 1), np.uint8))
+    r = run("engine/evaluate.py", str(tmp_path / "bad.npz"))
+    assert r.returncode == 2 and "expected arrays 'images'" in r.stderr
