@@ -20,6 +20,7 @@ from engine import cli
 from engine.builder import DMDModels
 from engine.config import DMDConfig, load, to_dict
 from engine.losses import make_regression_loss
+from engine.plots import plot_log
 from engine.pairs import BatchSampler, PairReader, expected_manifest, write_pairs
 from engine.sampling import draw, one_step, save_samples
 from engine.trainer import DMDTrainer
@@ -102,6 +103,7 @@ def main():
     bar = tqdm(total=max_steps, initial=trainer.step, desc=cfg.name, disable=args.quiet, dynamic_ncols=True)
     t_train = time.time()
     n_seen = 0
+    acc: dict = {}  # running sums since the last log line, so the log shows means, not single noisy steps
     while trainer.step < max_steps:
         ref = None
         if reader is not None:
@@ -113,12 +115,18 @@ def main():
         bad = [k for k, v in logs.items() if not torch.isfinite(torch.tensor(v))]
         if bad:
             raise cli.DMDError(f"step {trainer.step}: non-finite {', '.join(bad)}; last good checkpoint kept")
+        for k, v in logs.items():
+            acc[k] = acc.get(k, 0.0) + v
+        acc["_n"] = acc.get("_n", 0) + 1
         if trainer.step % tc.log_every == 0 or trainer.step == max_steps:
             rate = n_seen / max(time.time() - t_train, 1e-9)
-            log.write(json.dumps({"step": trainer.step, **logs, "samples_per_s": rate,
+            n = acc.pop("_n")
+            means = {k: v / n for k, v in acc.items()}
+            acc = {}
+            log.write(json.dumps({"step": trainer.step, **means, "samples_per_s": rate,
                                   "time_s": time.time() - t_start}) + "\n")
             log.flush()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")} | {"img/s": f"{rate:.0f}"})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k.startswith("loss")} | {"img/s": f"{rate:.0f}"})
         if tc.sample_every and trainer.step % tc.sample_every == 0:
             x, lab = draw(one_step(models.sampling_generator()), 100, models.sample_shape, models.num_classes, seed=1)
             save_samples(out / f"samples_step{trainer.step:06d}.npz", x, lab, out / f"grid_step{trainer.step:06d}.png")
@@ -135,6 +143,8 @@ def main():
                "total_s": round(time.time() - t_start, 1),
                "lpips_backbone": getattr(regression, "backbone", None) if regression is not None else None}
     cli.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    log.close()
+    plot_log(out / "log.jsonl", out / "losses.png")
     print(f"done: {trainer.step} steps in {train_s:.0f} s; generator in {out / 'generator'}, samples in "
           f"{out / 'samples.npz'}")
 

@@ -24,7 +24,7 @@ def test_train_writes_checkpoint_generator_and_samples(tmp_path, tiny_teacher_di
     r = run("engine/train.py", "--config", str(_cfg(tmp_path, tiny_teacher_dir)), "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     for f in ("config.json", "log.jsonl", "pairs/manifest.json", "checkpoint/state.pt", "generator/unet/config.json",
-              "samples.npz", "grid.png", "summary.json", "grid_step000002.png"):
+              "samples.npz", "grid.png", "summary.json", "losses.png", "grid_step000002.png"):
         assert (out / f).exists(), f
     logs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in logs] == [1, 2, 3, 4]
