@@ -88,7 +88,7 @@ def main():
     for name, (run, dt) in runs.items():
         summary = json.loads((run / "summary.json").read_text())
         rows.append({"row": name, "nfe": 1, "wall_s": round(dt, 1), "train_s": summary["train_s"],
-                     "steps": summary["steps"], "lpips_backbone": summary["lpips_backbone"],
+                     "steps": summary["steps"], "lpips_backbone": summary["lpips_backbone"] or "n/a (no regression)",
                      **evaluate(run / "samples.npz")})
 
     lines = ["| | NFE | Frechet distance (digits features) | class accuracy | wall time |", "|---|---|---|---|---|"]

@@ -7,8 +7,10 @@ config. The trainer (engine/trainer.py) owns only the per-step maths.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import resource
 from pathlib import Path
 
 import torch
@@ -55,7 +57,19 @@ def _adamw(params, lr, tc):
     return torch.optim.AdamW(params, lr=lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
 
 
-class DMDModels:
+class TeacherShapes:
+    """What the trainer and samplers read off the teacher; shared by DMDModels and zero.ZeroDMDModels."""
+
+    @property
+    def num_classes(self):
+        return self.teacher.num_classes
+
+    @property
+    def sample_shape(self):
+        return tuple(self.teacher.sample_shape)
+
+
+class DMDModels(TeacherShapes):
     def __init__(self, cfg, device="cpu"):
         tc = cfg.train
         self.cfg, self.device = cfg, torch.device(device)
@@ -73,13 +87,56 @@ class DMDModels:
         self.opt_f = _adamw(self.fake.parameters(), tc.lr_fake, tc)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval() if tc.ema_decay > 0 else None
 
-    @property
-    def num_classes(self):
-        return self.teacher.num_classes
+    # --- update mechanics: DMDTrainer calls these, so the single-process and ZeRO paths share its maths ----
+    world_size, rank = 1, 0
 
-    @property
-    def sample_shape(self):
-        return tuple(self.teacher.sample_shape)
+    def local(self, x):
+        """This process's slice of a global batch (all of it here; engine.zero.ZeroDMDModels slices)."""
+        return x
+
+    def backward(self, name: str, loss) -> float:
+        """Gradients of `loss` for "generator" or "fake"; returns their global norm before clipping.
+        Nothing is applied until step(name); discard(name) drops them instead."""
+        model, opt = self._trained(name)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.cfg.train.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+        return float(torch.norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+    def step(self, name: str):
+        self._trained(name)[1].step()
+        if name == "generator":
+            self.update_ema()
+
+    def discard(self, name: str):
+        self._trained(name)[1].zero_grad(set_to_none=True)
+
+    def mean_over_ranks(self, values: dict) -> dict:
+        return values
+
+    is_main = True
+
+    def barrier(self):
+        pass
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def lrs(self) -> dict:
+        return {"lr_generator": self.opt_g.param_groups[0]["lr"], "lr_fake": self.opt_f.param_groups[0]["lr"]}
+
+    def peak_memory_mib(self) -> list[float]:
+        """[this process's max RSS] on CPU, [torch.cuda.max_memory_allocated] on GPU (one entry per rank)."""
+        if self.device.type == "cuda":
+            return [round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)]
+        return [round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)]
+
+    def _trained(self, name):
+        return (self.generator, self.opt_g) if name == "generator" else (self.fake, self.opt_f)
 
     def sampling_generator(self):
         """The generator that samples and exports use: the EMA when enabled."""

@@ -68,6 +68,26 @@ class TrainSection:
     sample_every: int = 250           # sample grid PNG every N steps (0 = off)
     save_every: int = 500             # checkpoint every N steps (0 = only at the end)
     threads: int = 0                  # torch CPU threads (0 = torch's default)
+    max_consecutive_skips: int = 5    # non-finite steps are skipped (not applied); this many in a row stop the run
+    kernels: str = "auto"             # DM loss and noise injection: "auto" (Triton on CUDA, eager on CPU), "eager", "triton"
+    compile: bool = False             # torch.compile the generator's forward+backward (engine/compile.py)
+    compile_mode: str = "auto"        # "auto" = "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere
+
+
+@dataclass
+class DeepSpeedSection:
+    """engine/zero.py. One process: `python engine/train.py`; several: `deepspeed [--num_gpus N] engine/train.py`."""
+    enabled: bool = False             # true: DeepSpeed ZeRO-3 engine (also with one process); false: plain PyTorch
+    zero_stage: int = 3               # only 3 (parameters, gradients and optimiser state partitioned)
+    backend: str = "auto"             # torch.distributed backend: "auto" = nccl on GPUs, gloo on CPU
+    precision: str = "auto"           # "auto" = bf16 compute + fp32 master weights on GPU, fp32 on CPU; "fp32"; "bf16"
+    teacher_dtype: str = "auto"       # frozen teacher: "auto" = bf16 on GPU, fp32 on CPU; "fp32"; "bf16"
+    offload_params: bool = False      # ZeRO-3 parameter partitions in CPU memory
+    offload_optimizer: bool = False   # optimiser state and fp32 master weights in CPU memory
+    gradient_checkpointing: bool = False  # recompute generator / fake-score activations in backward
+    persistence_threshold: int = 0    # parameters with fewer elements stay whole on every rank (DeepSpeed: 1e5)
+    lr_warmup_steps: int = 0          # linear LR warm-up of both optimisers (their LR schedulers), 0 = constant
+    keep_checkpoints: int = 2         # newest complete checkpoints kept in OUT/checkpoints/
 
 
 @dataclass
@@ -84,6 +104,7 @@ class DMDConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ and Inception FID when the Inception weights are on disk.
     python engine/evaluate.py --real heldout        # the floor: held-out real digits vs training digits
 
 The reference is the training split. FD is biased by sample count, so every set is scored on subsets of
-the held-out split's size (360) and the mean (and std over subsets) is reported.
+the held-out split's size (360) and the mean (and std over 20 random subsets) is reported.
 """
 import _bootstrap  # noqa: F401
 
@@ -75,7 +75,7 @@ class Evaluator:
         self.subset = len(load_digits("heldout", resolution)[1])
         self.ref_images = ref
 
-    def __call__(self, images: np.ndarray, labels: np.ndarray, subsets: int = 5, seed: int = 0) -> dict:
+    def __call__(self, images: np.ndarray, labels: np.ndarray, subsets: int = 20, seed: int = 0) -> dict:
         feats = clean_fid_features(images, self.extractor)
         n = min(self.subset, len(images))
         rng = np.random.default_rng(seed)
@@ -103,7 +103,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", nargs="?", help=".npz with images (uint8 N×H×W×C) and labels")
     p.add_argument("--real", choices=["heldout", "train"], help="score real digits instead of a file")
-    p.add_argument("--subsets", type=int, default=5)
+    p.add_argument("--subsets", type=int, default=20)
     p.add_argument("--classifier", default=CLASSIFIER)
     p.add_argument("--json", help="also write the metrics here")
     args = p.parse_args()

@@ -80,7 +80,9 @@ class Denoiser(nn.Module):
 
     # --- diffusers folders ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype=torch.float32) -> "Denoiser":
+    def from_pretrained(cls, folder: str | Path, dtype=torch.float32, weights: bool = True) -> "Denoiser":
+        """weights=False builds the network from its config only (random init), for callers that load the
+        weights themselves, e.g. into parameters already partitioned across processes."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelFolderError(f"model folder '{folder}' not found (expected unet/ and scheduler/ inside)")
@@ -95,15 +97,26 @@ class Denoiser(nn.Module):
         cls_name = unet_cfg.get("_class_name", "UNet2DModel")
         if cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
             raise ModelFolderError(f"{folder}/unet/config.json: unsupported _class_name '{cls_name}'")
-        net = getattr(diffusers, cls_name).from_pretrained(folder / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+        if weights:
+            net = getattr(diffusers, cls_name).from_pretrained(folder / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+        else:
+            net = getattr(diffusers, cls_name).from_config(unet_cfg)
+            net = net if dtype == torch.float32 else net.to(dtype)
         kw = "class_labels" if cls_name == "UNet2DModel" else "encoder_hidden_states"
         shape = meta.get("sample_shape") or [unet_cfg["in_channels"], unet_cfg["sample_size"], unet_cfg["sample_size"]]
         return cls(net, schedule, sch_cfg.get("prediction_type", "epsilon"), meta.get("num_classes"),
                    meta.get("null_class"), shape, kw)
 
-    def save_pretrained(self, folder: str | Path, extra_meta: dict | None = None):
+    def save_pretrained(self, folder: str | Path, extra_meta: dict | None = None, state_dict: dict | None = None):
+        """state_dict: the network's weights when self.net does not hold them (e.g. gathered from shards)."""
         folder = Path(folder)
-        self.net.save_pretrained(folder / "unet", safe_serialization=True)
+        if state_dict is None:
+            self.net.save_pretrained(folder / "unet", safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+            self.net.save_config(folder / "unet")
+            save_file({k: v.contiguous() for k, v in state_dict.items()},
+                      str(folder / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         scheduler_from_schedule(self.schedule, self.prediction_type).save_pretrained(folder / "scheduler")
         meta = {"num_classes": self.num_classes, "null_class": self.null_class,
                 "sample_shape": list(self.sample_shape) if self.sample_shape else None, **(extra_meta or {})}
@@ -122,8 +135,9 @@ class OneStepGenerator(nn.Module):
         t = torch.full((z.shape[0],), self.timestep, dtype=torch.long, device=z.device)
         return self.denoiser(self.denoiser.init_noise(z), t, cond)
 
-    def save_pretrained(self, folder):
-        self.denoiser.save_pretrained(folder, {"one_step_timestep": self.timestep})
+    def save_pretrained(self, folder, state_dict: dict | None = None):
+        """state_dict: the denoiser network's weights (keys as in self.denoiser.net), when not held here."""
+        self.denoiser.save_pretrained(folder, {"one_step_timestep": self.timestep}, state_dict)
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32):

@@ -1,0 +1,342 @@
+"""Throughput of the DMD hot path: Triton kernels vs eager torch vs torch.compile, and the full training step.
+
+    python bench/throughput.py --json runs/throughput.json                    # CUDA (all rows)
+    python bench/throughput.py --device cpu --json runs/throughput_cpu.json   # CPU: Triton interpreter, digits step
+
+Kernel rows, per shape: seconds per call (warm-up, then synchronised wall time over N calls), launches per call
+(torch.profiler device events on CUDA; n/a on CPU), the bytes that must move (each input read once, each output
+written once: a lower bound, so GB/s is an effective bandwidth), GB/s and its fraction of this run's measured
+device copy bandwidth. Step rows: one generator update + one fake-score update (regression term off: it needs
+pairs and its LPIPS cost does not change with kernels), in samples/s and peak memory, eager vs Triton kernels
+vs kernels + torch.compile. On CPU the Triton rows run in the interpreter: they check the code runs, they are
+not speed figures.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # name -> (B, C, H, W)
+    "digits": (64, 1, 8, 8),
+    "sd15-latent": (32, 4, 64, 64),
+    "sdxl-latent": (8, 4, 128, 128),
+    "imagenet64": (256, 3, 64, 64),
+}
+
+
+def args_():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--json", default=None, help="write all rows and the machine description here")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="kernel inputs' dtype")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per kernel row (default 50 CUDA, 3 CPU)")
+    p.add_argument("--step-iters", type=int, default=None, help="timed training steps (default 20 CUDA, 5 CPU)")
+    p.add_argument("--sd15-batch", type=int, default=8)
+    p.add_argument("--no-compile", action="store_true", help="skip every torch.compile column and row")
+    p.add_argument("--no-step", action="store_true", help="kernel rows only")
+    return p.parse_args()
+
+
+ARGS = args_()
+if ARGS.device == "cpu":  # before kernels.* is imported: triton picks the interpreter at decoration time
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from engine.losses import distribution_matching_loss  # noqa: E402
+from kernels import dmd, noise  # noqa: E402
+
+DEV = torch.device(ARGS.device)
+CUDA = DEV.type == "cuda"
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def timeit(fn, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def launches(fn):
+    if not CUDA:
+        return "n/a"
+    from torch.profiler import ProfilerActivity, profile
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a large device-to-device copy (read + write), the ceiling the kernel rows are measured against."""
+    n = (1 << 28) if CUDA else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    a = torch.empty(n, device=DEV).normal_()
+    b = torch.empty_like(a)
+    t = timeit(lambda: b.copy_(a), 20 if CUDA else 5)
+    return 2 * a.numel() * a.element_size() / t / 1e9
+
+
+def compiled(fn):
+    if ARGS.no_compile:
+        return None
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"torch.compile unavailable: {e}")
+        return None
+
+
+# --- kernel rows ---------------------------------------------------------------------------------------------
+def kernel_cases(shape, dtype):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x, pr, pf, eps = (torch.randn(shape, generator=g, device=DEV, dtype=dtype) for _ in range(4))
+    xg = x.clone().requires_grad_(True)
+    sch_a = torch.linspace(1.0, 0.05, 1000, device=DEV)
+    sch_s = (1 - sch_a.square()).sqrt()
+    t = torch.randint(20, 980, (shape[0],), generator=g, device=DEV)
+    n, es = x.numel(), x.element_size()
+
+    def fwd_bwd(f):
+        def run():
+            xg.grad = None
+            f(xg, pr, pf).backward()
+        return run
+
+    ref_noise = lambda x, eps: noise.add_noise_reference(x, t, sch_a, sch_s, eps)
+    ref_philox = lambda x: noise.add_noise_reference(x, t, sch_a, sch_s, torch.randn_like(x, dtype=torch.float32))
+    c_loss, c_noise, c_philox = compiled(distribution_matching_loss), compiled(ref_noise), compiled(ref_philox)
+    with torch.no_grad():
+        fwd = lambda f: (lambda: f(x, pr, pf))
+        yield "dmd_loss fwd", 3 * n * es, {
+            "eager": fwd(distribution_matching_loss), "triton": fwd(dmd.dmd_loss),
+            "compile(eager)": fwd(c_loss) if c_loss else None}
+    yield "dmd_loss fwd+bwd", 4 * n * es, {
+        "eager": fwd_bwd(distribution_matching_loss), "triton": fwd_bwd(dmd.dmd_loss),
+        "compile(eager)": fwd_bwd(c_loss) if c_loss else None}
+    yield "add_noise (eps given)", 3 * n * es, {
+        "eager": lambda: ref_noise(x, eps), "triton": lambda: noise.add_noise(x, t, sch_a, sch_s, eps=eps),
+        "compile(eager)": (lambda: c_noise(x, eps)) if c_noise else None}
+    yield "add_noise (Philox eps)", 2 * n * es, {
+        "eager": lambda: ref_philox(x), "triton": lambda: noise.add_noise(x, t, sch_a, sch_s, seed=1, offset=0),
+        "compile(eager)": (lambda: c_philox(x)) if c_philox else None}
+
+
+def kernel_rows(copy_gbs, dtype, iters):
+    rows = []
+    for name, shape in SHAPES.items():
+        for op, nbytes, impls in kernel_cases(shape, dtype):
+            eager_ms = None
+            for impl, fn in impls.items():
+                if fn is None:
+                    continue
+                try:
+                    # the interpreter is slow: fewer calls for it, but never fewer than one timed call
+                    n_it = max(1, iters if (CUDA or impl != "triton") else min(iters, 2))
+                    sec = timeit(fn, n_it, warmup=2 if CUDA or impl != "triton" else 1)
+                    row = {"shape": name, "dims": list(shape), "op": op, "impl": impl, "ms": sec * 1e3,
+                           "launches": launches(fn), "bytes": nbytes, "gb_s": nbytes / sec / 1e9}
+                    row["frac_copy_bw"] = row["gb_s"] / copy_gbs
+                    eager_ms = row["ms"] if impl == "eager" else eager_ms
+                    row["speedup_vs_eager"] = eager_ms / row["ms"] if eager_ms else None
+                except Exception as e:  # noqa: BLE001 - a failed column is reported, not fatal
+                    row = {"shape": name, "dims": list(shape), "op": op, "impl": impl, "error": repr(e)[:200]}
+                rows.append(row)
+                print(fmt_kernel(row), flush=True)
+    return rows
+
+
+def fmt_kernel(r):
+    if "error" in r:
+        return f"| {r['shape']} | {r['op']} | {r['impl']} | error: {r['error']} | | | | | |"
+    sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "n/a"
+    return (f"| {r['shape']} | {r['op']} | {r['impl']} | {r['ms']:.3f} | {sp} | {r['launches']} | "
+            f"{r['bytes'] / 1e6:.2f} | {r['gb_s']:.2f} | {r['frac_copy_bw']:.1%} |")
+
+
+# --- full training step ----------------------------------------------------------------------------------
+def digits_models(kernels: str, compile_: bool):
+    from engine.builder import DMDModels
+    from engine.config import DMDConfig, load
+    from engine.trainer import DMDTrainer
+    cfg = load(ROOT / "configs/digits.json", DMDConfig,
+               ["train.reg_weight=0", f"train.kernels=\"{kernels}\"", f"train.compile={json.dumps(compile_)}"])
+    torch.manual_seed(0)
+    models = DMDModels(cfg, DEV)
+    return DMDTrainer(models, cfg.train, seed=0), cfg.train.batch_size
+
+
+class _FixedPrompt(torch.nn.Module):
+    """SD1.5's UNet with one fixed random text embedding, so the engine's class-free path drives it."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("emb", torch.randn(1, 77, unet.config.cross_attention_dim))
+
+    def forward(self, x, t, **_):
+        return self.unet(x, t, encoder_hidden_states=self.emb.expand(x.shape[0], -1, -1).to(x.dtype)).sample
+
+
+def sd15_unet():
+    from diffusers import UNet2DConditionModel
+    net = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json, written out
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
+        freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5, center_input_sample=False)
+    try:
+        import xformers  # noqa: F401
+        net.enable_xformers_memory_efficient_attention()
+        attn = "xformers"
+    except Exception:  # noqa: BLE001 - diffusers' default processor is torch SDPA
+        attn = "sdpa"
+    return net, attn
+
+
+def _sd_models(tc):
+    """engine.builder.DMDModels' update mechanics around a random-weight SD1.5 UNet (teacher, generator, fake)."""
+    from types import SimpleNamespace
+
+    from engine.builder import DMDModels
+    from models import Denoiser, NoiseSchedule, OneStepGenerator, trainable_copy
+    torch.manual_seed(0)
+    net, attn = sd15_unet()
+    m = DMDModels.__new__(DMDModels)  # its __init__ loads a teacher folder; everything else is reused
+    m.cfg, m.device, m.ema = SimpleNamespace(train=tc), DEV, None
+    sch = NoiseSchedule.vp(1000, 0.00085, 0.012, "scaled_linear")
+    m.teacher = Denoiser(_FixedPrompt(net), sch, "epsilon", None, None, (4, 64, 64)).to(DEV)
+    m.generator = OneStepGenerator(trainable_copy(m.teacher)).to(DEV).train().requires_grad_(True)
+    m.fake = trainable_copy(m.teacher).to(DEV).train().requires_grad_(True)
+    m.teacher.to(torch.bfloat16).eval().requires_grad_(False)
+    m.opt_g = torch.optim.AdamW(m.generator.parameters(), lr=1e-6, betas=(0.0, 0.99))
+    m.opt_f = torch.optim.AdamW(m.fake.parameters(), lr=1e-6, betas=(0.0, 0.99))
+    m.attn = attn
+    return m
+
+
+def sd15_trainer(kernels: str, compile_: bool):
+    from engine.config import TrainSection
+    from engine.trainer import DMDTrainer
+    tc = TrainSection(batch_size=ARGS.sd15_batch, reg_weight=0.0, kernels=kernels, compile=compile_)
+    return DMDTrainer(_sd_models(tc), tc, seed=0), tc.batch_size
+
+
+def step_rows(iters):
+    rows = []
+    variants = [("eager", "eager", False), ("kernels", "triton", False), ("kernels+compile", "triton", True)]
+    models = [("digits", digits_models, None)]
+    models.append(("sd15-unet-bf16", sd15_trainer, None) if CUDA else
+                  ("sd15-unet-bf16", None, "skipped: SD1.5 needs a GPU and no GPU was used in this run"))
+    for model, build, skip in models:
+        eager_sps = None
+        for name, kernels, comp in variants:
+            row = {"model": model, "variant": name}
+            if skip or (comp and ARGS.no_compile):
+                row["skipped"] = skip or "--no-compile"
+            else:
+                try:
+                    row.update(run_step(build, kernels, comp, iters, model.startswith("sd15")))
+                    eager_sps = row["samples_per_s"] if name == "eager" else eager_sps
+                    row["speedup_vs_eager"] = row["samples_per_s"] / eager_sps if eager_sps else None
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = repr(e)[:300]
+            rows.append(row)
+            print(fmt_step(row), flush=True)
+            # dynamo's caches hold the previous variant's modules; drop them before the next one is built
+            torch._dynamo.reset()
+            gc.collect()
+            if CUDA:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def run_step(build, kernels, comp, iters, autocast):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, bs = build(kernels, comp)
+        # SD1.5 in bf16: fp32 master weights under autocast, the teacher's weights in bf16
+        step = (lambda: _autocast_step(trainer)) if autocast else trainer.train_step
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()  # first step: compilation and autotuning, reported separately
+        sync()
+        first = time.perf_counter() - t0
+        sec = timeit(step, iters, warmup=1)
+    out = {"samples_per_s": bs / sec, "ms_per_step": sec * 1e3, "first_step_s": first, "batch": bs,
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if CUDA else "n/a"}
+    if comp:
+        out["compiled"] = bool(trainer.gen.active)
+        if not trainer.gen.active:
+            out["compile_error"] = trainer.gen.error
+    out["warnings"] = sorted({str(w.message)[:120] for w in caught})[:3]
+    return out
+
+
+def _autocast_step(trainer):
+    with torch.autocast(DEV.type, torch.bfloat16):
+        return trainer.train_step()
+
+
+def fmt_step(r):
+    head = f"| {r['model']} | {r['variant']} |"
+    if "skipped" in r or "error" in r:
+        return f"{head} {r.get('skipped') or 'error: ' + r['error']} | | | | |"
+    mem = r["peak_mem_gb"] if isinstance(r["peak_mem_gb"], str) else f"{r['peak_mem_gb']:.2f}"
+    comp = "" if "compiled" not in r else (" (compiled)" if r["compiled"] else f" (fell back: {r['compile_error']})")
+    sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "n/a"
+    return (f"{head} {r['samples_per_s']:.1f} | {sp} | {r['ms_per_step']:.1f} | {mem} | "
+            f"{r['first_step_s']:.1f}{comp} |")
+
+
+def main():
+    dtype = getattr(torch, ARGS.dtype)
+    if CUDA and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here; run with --device cpu")
+    machine = torch.cuda.get_device_name() if CUDA else f"{platform.processor() or platform.machine()} CPU"
+    iters = ARGS.iters or (50 if CUDA else 3)
+    step_iters = ARGS.step_iters or (20 if CUDA else 5)
+    import triton
+    print(f"# bench/throughput.py on {machine}; torch {torch.__version__}, triton {triton.__version__}, "
+          f"{'interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'} Triton, inputs {ARGS.dtype}")
+    copy_gbs = copy_bandwidth()
+    print(f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s\n")
+    print("| shape | op | impl | ms | vs eager | launches | MB moved (min) | GB/s | of copy BW |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    krows = kernel_rows(copy_gbs, dtype, iters)
+    srows = []
+    if not ARGS.no_step:
+        print("\n| model | variant | samples/s | vs eager | ms/step | peak mem GB | first step s |\n"
+              "|---|---|---|---|---|---|---|")
+        srows = step_rows(step_iters)
+    if ARGS.json:
+        Path(ARGS.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ARGS.json).write_text(json.dumps({
+            "command": " ".join(["python"] + sys.argv), "device": machine, "torch": torch.__version__,
+            "triton": triton.__version__, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+            "dtype": ARGS.dtype, "copy_gb_s": copy_gbs, "kernel_iters": iters, "step_iters": step_iters,
+            "kernels": krows, "steps": srows}, indent=2))
+        print(f"\nwrote {ARGS.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""torch.compile for the generator's forward and backward (config: train.compile, train.compile_mode).
+
+Compilation is lazy in torch: torch.compile() itself rarely fails, the first call does (no C compiler for CPU
+inductor, an unsupported op, an old GPU for Triton). So the first call probes forward *and* backward on the real
+inputs, without touching .grad, and on any failure the wrapper warns once and stays eager for good; a run never
+dies because compilation is unavailable. Mode "auto" picks "reduce-overhead" on CUDA, which adds CUDA graphs when
+shapes are fixed (the generator's are: batch_size and reg_batch_size), and "default" elsewhere.
+
+Not covered: a failure that first shows in a later backward (after a successful probe) still raises. With dropout
+in the generator, compiled and eager runs draw different dropout masks (inductor has its own RNG, and the probe
+draws once more), so they agree in distribution, not bit for bit.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"train.compile_mode must be auto, default, reduce-overhead, max-autotune or "
+                         f"max-autotune-no-cudagraphs, got '{mode}'")
+    return mode
+
+
+class CompiledModule:
+    """Calls `module` through torch.compile, or eagerly after a warning when compilation fails.
+
+    `module` itself stays the owner of the parameters (optimisers, state_dict and EMA keep using it).
+    """
+
+    def __init__(self, module: nn.Module, mode: str = "auto", device=None, backend="inductor"):
+        self.module = module
+        device = torch.device(device) if device is not None else next(module.parameters()).device
+        self.mode = resolve_mode(mode, device)
+        self.cuda_graphs = device.type == "cuda" and self.mode in ("reduce-overhead", "max-autotune")
+        self.error: str | None = None
+        self._probed: set = set()  # input signatures whose backward compiled fine
+        try:
+            self.compiled = torch.compile(module, mode=self.mode if backend == "inductor" else None,
+                                          backend=backend, dynamic=False)
+        except Exception as e:  # noqa: BLE001 - any failure means "run eagerly", reported below
+            self._fail(e)
+
+    @property
+    def active(self) -> bool:
+        return self.error is None
+
+    def _fail(self, e: BaseException):
+        root = e  # dynamo wraps the backend's exception; its own first line says little
+        for _ in range(8):
+            inner = getattr(root, "inner_exception", None) or root.__cause__
+            if inner is None:
+                break
+            root = inner
+        lines = str(root).strip().splitlines()
+        self.error = type(e).__name__ + (f" ({type(root).__name__}: {lines[0]})" if root is not e else
+                                         f": {lines[0] if lines else ''}")
+        self.compiled = None
+        warnings.warn(f"torch.compile of the generator failed, training continues eagerly ({self.error})",
+                      RuntimeWarning, stacklevel=3)
+
+    def step_begin(self):
+        """Marks a new training iteration, so CUDA graphs may reuse the previous iteration's output memory."""
+        if self.compiled is not None and self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def _probe(self, args, kwargs):
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        out = self.compiled(*args, **kwargs)
+        if params and out.requires_grad:
+            torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                # each new input shape is a new graph, and its backward compiles only at backward time
+                key = tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in args)
+                if key not in self._probed and torch.is_grad_enabled():
+                    self._probe(args, kwargs)
+                    self._probed.add(key)
+                    self.step_begin()
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
+        return self.module(*args, **kwargs)

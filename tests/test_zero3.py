@@ -1,0 +1,216 @@
+"""DeepSpeed ZeRO-3 engine (engine/zero.py): 2 CPU processes on gloo, started by the `deepspeed` launcher,
+on a tiny random teacher. Partitioning, parity with one process, kill-and-resume, the non-finite guard, and
+the exported generator under stock diffusers."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from test_config_cli import run
+
+pytest.importorskip("deepspeed")
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+STEPS = 6
+
+
+def _cfg(tmp_path, teacher_dir, pairs_dir, zero=True, **train):
+    cfg = {"name": "z3", "model": {"kind": "unet", "teacher": str(teacher_dir)},
+           "data": {"num_pairs": 24, "pair_steps": 3, "shard_size": 12, "pair_batch_size": 12,
+                    "pairs_dir": str(pairs_dir)},
+           "train": {"batch_size": 8, "reg_batch_size": 4, "max_steps": STEPS, "lpips_backbone": "random",
+                     "log_every": 1, "sample_every": 0, "save_every": 2, "threads": 1,
+                     "fake_updates_per_generator": 2, **train},  # two-time-scale: more forwards per step
+           "eval": {"num_samples": 20},
+           "deepspeed": {"enabled": zero, "keep_checkpoints": 2}}
+    p = tmp_path / f"cfg_{len(list(tmp_path.glob('cfg_*.json')))}.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(cfg, out, *extra, env=None, procs=2):
+    cmd = [str(DEEPSPEED), "--num_gpus", str(procs), "--master_port", _free_port(), "engine/train.py",
+           "--config", str(cfg), "--out", str(out), "--quiet", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def _log(out):
+    return [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _generator_weights(out):
+    from safetensors.torch import load_file
+    return load_file(str(Path(out) / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tiny_teacher_dir, tmp_path_factory):
+    """Pairs made once by the single-process path and shared by every run here."""
+    tmp = tmp_path_factory.mktemp("pairs")
+    cfg = _cfg(tmp, tiny_teacher_dir, tmp / "pairs", zero=False)
+    r = run("engine/make_pairs.py", "--config", str(cfg), "--out", str(tmp / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "pairs"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_teacher_dir, pairs_dir, tmp_path_factory):
+    """An uninterrupted 2-process ZeRO-3 run of STEPS steps (checkpoints at 2 and 4 and at the end)."""
+    tmp = tmp_path_factory.mktemp("z3ref")
+    cfg = _cfg(tmp, tiny_teacher_dir, pairs_dir)
+    r = launch(cfg, tmp / "run")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return tmp / "run"
+
+
+def test_each_rank_holds_half_of_each_model(reference_run):
+    assert list((reference_run / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars were written
+    counts = json.loads((reference_run / "partition.json").read_text())
+    assert len(counts) == 2
+    for name in ("teacher", "generator", "fake"):
+        local = [c[name][0] for c in counts]
+        total = counts[0][name][1]
+        assert total > 100_000
+        for n in local:  # ZeRO-3 pads each parameter to a multiple of the world size: within a few elements
+            assert abs(n - total / 2) <= 0.01 * total, (name, local, total)
+
+
+def test_losses_match_one_process_at_the_same_global_batch(reference_run, tiny_teacher_dir, pairs_dir, tmp_path):
+    cfg = _cfg(tmp_path, tiny_teacher_dir, pairs_dir, zero=False)
+    r = run("engine/train.py", "--config", str(cfg), "--out", str(tmp_path / "one"), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = _log(tmp_path / "one"), _log(reference_run)
+    assert [l["step"] for l in two] == list(range(1, STEPS + 1))
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["engine"] == "deepspeed-zero3"
+    assert len(summary["peak_mem_mib_per_rank"]) == 2
+    # stated tolerance: 1e-4 relative (+1e-7 absolute); only float summation order differs
+    for a, b in zip(one, two):
+        for k in ("loss_dm", "loss_reg", "loss_fake", "loss_g", "grad_norm_g", "grad_norm_f"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (a["step"], k, a[k], b[k])
+    assert max(l["loss_dm"] for l in two) > 0  # the comparison is not vacuous: the DM loss moved off zero
+    # and the trained generators agree
+    assert _max_diff(_generator_weights(tmp_path / "one"), _generator_weights(reference_run)) < 1e-4
+
+
+def test_sigkill_mid_training_and_during_save_then_resume(reference_run, tiny_teacher_dir, pairs_dir, tmp_path):
+    cfg = _cfg(tmp_path, tiny_teacher_dir, pairs_dir)
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    # 1. SIGKILL at step 3 (after the checkpoint at step 2)
+    r = launch(cfg, out, env={"DMD_TEST_KILL_AT_STEP": "3"})
+    assert r.returncode != 0
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    # 2. resume from step 2, SIGKILL while writing the checkpoint of step 4: `latest` still names step 2
+    r = launch(cfg, out, "--resume", env={"DMD_TEST_KILL_IN_SAVE": "4"})
+    assert r.returncode != 0
+    assert (ckpts / "step_000004" / "generator").is_dir()  # the partial tag was really being written
+    assert not (ckpts / "step_000004" / "trainer_rank0.pt").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    # 3. resume again: from step 2 to the end
+    r = launch(cfg, out, "--resume")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_000004", "step_000006"]  # keep 2
+    # stated tolerance: 1e-6 absolute on every weight (same seeds, same order of operations)
+    assert _max_diff(_generator_weights(out), _generator_weights(reference_run)) < 1e-6
+    assert _log(out)[-1]["loss_g"] == pytest.approx(_log(reference_run)[-1]["loss_g"], rel=1e-6)
+
+
+def test_planted_nonfinite_step_is_skipped_by_both_models(tiny_teacher_dir, pairs_dir, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    cfg = _cfg(tmp_path, tiny_teacher_dir, pairs_dir, save_every=1, max_consecutive_skips=2)
+    cfg_d = json.loads(cfg.read_text())
+    cfg_d["deepspeed"]["keep_checkpoints"] = 10
+    cfg.write_text(json.dumps(cfg_d))
+    out = tmp_path / "run"
+    r = launch(cfg, out, "--max-steps", "4", env={"DMD_TEST_NAN_AT_STEP": "2"})  # the 3rd update (step 2 -> 3)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    log = _log(out)
+    assert [l["skipped"] for l in log] == [0, 0, 1, 0] and log[-1]["skipped_total"] == 1
+
+    def weights(step, model):
+        return get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints" / f"step_{step:06d}"), tag=model)
+
+    for model in ("generator", "fake"):
+        assert _max_diff(weights(2, model), weights(3, model)) == 0, model  # the skipped step changed nothing
+        assert _max_diff(weights(3, model), weights(4, model)) > 0, model   # the next one trained again
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tiny_teacher_dir, pairs_dir, tmp_path):
+    cfg = _cfg(tmp_path, tiny_teacher_dir, pairs_dir, zero=False, save_every=1, max_consecutive_skips=2)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "DMD_TEST_NAN_AT_STEP": "2-"})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "2 non-finite steps in a row" in r.stderr and "train.max_consecutive_skips" in r.stderr
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["models"]["generator"].values())
+
+
+def test_exported_generator_samples_the_same_with_stock_diffusers(reference_run):
+    from diffusers import EDMEulerScheduler, UNet2DModel
+    from engine.data import to_uint8
+    from engine.sampling import balanced_labels
+    unet = UNet2DModel.from_pretrained(reference_run / "generator" / "unet").eval()
+    sched = EDMEulerScheduler.from_pretrained(reference_run / "generator" / "scheduler")
+    with np.load(reference_run / "samples.npz") as f:
+        want, labels = f["images"], f["labels"]
+    n = len(want)
+    z = torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(12345))  # train.py's final draw
+    assert (balanced_labels(n, 10).numpy() == labels).all()
+    sigma = torch.tensor(sched.config.sigma_max)
+    x = sigma * z
+    with torch.no_grad():
+        out = unet(sched.precondition_inputs(x, sigma), sched.precondition_noise(sigma).expand(n),
+                   class_labels=torch.as_tensor(labels)).sample
+    got = to_uint8(sched.precondition_outputs(x, out, sigma))
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+# --- configs and one-line errors (no processes launched) ----------------------------------------------------
+def test_shipped_zero3_configs_parse():
+    from engine.config import DMDConfig, load
+    cfg = load(ROOT / "configs" / "digits_zero3.json", DMDConfig)
+    assert cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3 and cfg.train.batch_size % 2 == 0
+    assert load(ROOT / "configs" / "sd15_zero3.json", DMDConfig).deepspeed.gradient_checkpointing
+
+
+def test_bad_deepspeed_key_is_one_line(tmp_path):
+    r = run("engine/train.py", "--config", "configs/digits_zero3.json", "--out", str(tmp_path / "r"),
+            "--set", "deepspeed.offload=true")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "deepspeed: unknown key 'offload'" in r.stderr
+    r = run("engine/train.py", "--config", "configs/digits_zero3.json", "--out", str(tmp_path / "r"),
+            "--set", "deepspeed.zero_stage=2")
+    assert r.returncode == 2 and "deepspeed.zero_stage must be 3" in r.stderr, r.stderr
+
+
+def test_sd15_config_names_what_is_missing(tmp_path):
+    r = run("engine/train.py", "--config", "configs/sd15_zero3.json", "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "model.kind 'sd15' is not implemented yet" in r.stderr
+
+
+def test_several_processes_need_deepspeed_enabled(tmp_path):
+    r = subprocess.run([sys.executable, "engine/train.py", "--config", "configs/digits.json", "--out",
+                        str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and "deepspeed.enabled is false" in r.stderr, r.stderr
