@@ -1,6 +1,6 @@
 """Step time of the digits distillation: plain single process vs DeepSpeed ZeRO-3 (1 and 2 processes), one run.
 
-    python bench/zero3_step.py --out runs/bench_zero3 [--steps 60] [--md bench/RESULTS_zero3.md]
+    python bench/zero3_step.py --out runs/bench_zero3 [--steps 60] [--md runs/bench_zero3/table.md]
 
 All runs share one pairs folder (made first, not timed) and use the same global batch (configs/digits.json and
 configs/digits_zero3.json: 64 DM samples + 32 pairs per step). Step time is measured between the log line at
