@@ -12,10 +12,16 @@ def run(*args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("name", ["digits.json", "toy2d.json"])
+@pytest.mark.parametrize("name", ["digits.json", "toy2d.json", "digits_zero3.json"])
 def test_shipped_dmd_configs_parse(name):
     cfg = load(ROOT / "configs" / name, DMDConfig)
-    assert cfg.train.reg_weight == 0.25
+    assert cfg.train.dm_weight == 1.0 and cfg.train.reg_weight > 0
+
+
+def test_defaults_are_the_papers():
+    cfg = parse(DMDConfig, {})
+    assert cfg.train.reg_weight == 0.25  # L_DM + 0.25 L_reg
+    assert (cfg.train.min_t_frac, cfg.train.max_t_frac) == (0.02, 0.98)
 
 
 def test_shipped_teacher_config_parses():
