@@ -134,7 +134,7 @@ class ZeroDMDModels(TeacherShapes):
         self.device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))
                                    if torch.cuda.is_available() else "cpu")
         self.dtype, teacher_dtype = _dtype(dc.precision, "precision"), _dtype(dc.teacher_dtype, "teacher_dtype")
-        self.autocast_on = torch.cuda.is_available() and torch.bfloat16 in (self.dtype, teacher_dtype)
+        self.autocast_on = torch.bfloat16 in (self.dtype, teacher_dtype)  # bf16 parameters take fp32 inputs
         folder = resolve_path(cfg.model.teacher)
         self.teacher_hash = weights_hash(folder)
         weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -192,10 +192,10 @@ class ZeroDMDModels(TeacherShapes):
         return x[self.rank * n: (self.rank + 1) * n]
 
     def autocast(self):
-        """bf16 autocast on GPU (parameters may be bf16 while inputs are fp32); a no-op on CPU."""
+        """bf16 autocast (GPU or CPU) when any model is bf16 (its parameters then meet fp32 inputs); else a no-op."""
         if not self.autocast_on:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def backward(self, name: str, loss) -> float:
         eng = self.engines[name]
@@ -251,11 +251,12 @@ class ZeroDMDModels(TeacherShapes):
         return out
 
     def local_param_counts(self) -> dict:
-        """Per model: (elements this rank holds, elements of the whole model)."""
+        """Per model: (elements this rank holds, elements of the whole model, dtype(s) of the held partitions)."""
         out = {}
         for k, eng in self.engines.items():
             ps = list(eng.module.parameters())
-            out[k] = (sum(p.ds_tensor.numel() for p in ps), sum(p.ds_numel for p in ps))
+            dtypes = ",".join(sorted({str(p.ds_tensor.dtype).removeprefix("torch.") for p in ps}))
+            out[k] = (sum(p.ds_tensor.numel() for p in ps), sum(p.ds_numel for p in ps), dtypes)
         return out
 
     def generator_state_dict(self):

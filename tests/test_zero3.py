@@ -185,6 +185,47 @@ def test_exported_generator_samples_the_same_with_stock_diffusers(reference_run)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
+def test_bf16_with_fp32_master_weights_runs_on_cpu(tiny_teacher_dir, pairs_dir, tmp_path):
+    """precision bf16 (bf16 compute, fp32 master weights) with a bf16 teacher: the GPU default ("auto"),
+    forced here onto DeepSpeed's CPU accelerator with gloo."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+    cfg = _cfg(tmp_path, tiny_teacher_dir, pairs_dir, max_steps=3, save_every=0)
+    out = tmp_path / "run"
+    r = launch(cfg, out, "--set", "deepspeed.precision=bf16", "--set", "deepspeed.teacher_dtype=bf16")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    log = _log(out)
+    assert [l["step"] for l in log] == [1, 2, 3] and log[-1]["skipped_total"] == 0
+    for l in log:
+        for k in ("loss_dm", "loss_reg", "loss_fake", "loss_g", "grad_norm_g", "grad_norm_f"):
+            assert np.isfinite(l[k]), (l["step"], k, l[k])
+    # the working copies ZeRO-3 partitions (the teacher's only copy) are bf16 on every rank
+    for counts in json.loads((out / "partition.json").read_text()):
+        assert {k: c[2] for k, c in counts.items()} == {"teacher": "bfloat16", "generator": "bfloat16", "fake": "bfloat16"}
+    teacher = load_file(str(tiny_teacher_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    ckpt = out / "checkpoints" / "step_000003"
+    for model, prefix in (("generator", "denoiser.net."), ("fake", "net.")):
+        for rank in (0, 1):  # the optimiser's master partitions are fp32
+            s = torch.load(ckpt / model / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+            groups = s["optimizer_state_dict"]["fp32_flat_groups"]
+            assert groups and all(t.dtype == torch.float32 for t in groups), model
+        master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=model)
+        master = {k[len(prefix):]: v for k, v in master.items()}
+        assert master.keys() <= teacher.keys() and len(master) > 10, model
+        assert all(v.dtype == torch.float32 for v in master.values()), model
+        # trained away from their start (the teacher rounded to bf16), by updates bf16 alone could not hold
+        assert _max_diff(master, {k: teacher[k].bfloat16() for k in master}) > 0, model
+        assert any((v != v.bfloat16().float()).any() for v in master.values()), model
+    unet = UNet2DModel.from_pretrained(out / "generator" / "unet").eval()  # the exported generator
+    exported = _generator_weights(out)
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
+    assert _max_diff(dict(unet.state_dict()), exported) == 0
+    with torch.no_grad():
+        y = unet(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), class_labels=torch.tensor([0, 1])).sample
+    assert torch.isfinite(y).all()
+
+
 # --- configs and one-line errors (no processes launched) ----------------------------------------------------
 def test_shipped_zero3_configs_parse():
     from engine.config import DMDConfig, load
