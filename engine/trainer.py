@@ -46,7 +46,7 @@ class DMDTrainer:
                            "for Triton's (slow) CPU interpreter")
         sch = self.m.teacher.schedule
         # the tables live on the device once, so the noise kernel's lookup costs no host round trip
-        self._tables = (sch.alpha.to(self.m.device), sch.sigma.to(self.m.device))
+        self._tables = sch.tables(self.m.device)[:2]
         return dmd, noise
 
     # --- random inputs ----------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class Denoiser(nn.Module):
 
     def init_noise(self, z: torch.Tensor) -> torch.Tensor:
         """x_T for unit noise z: sigma_{T-1} * z (the signal term alpha_{T-1} * x0 is dropped)."""
-        return self.schedule.sigma[-1].item() * z
+        return self.schedule.sigma_last * z
 
     # --- diffusers folders ------------------------------------------------------------------------
     @classmethod

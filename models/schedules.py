@@ -22,6 +22,8 @@ class NoiseSchedule:
         self.kind, self.sigma_data = kind, float(sigma_data)
         self.alpha, self.sigma, self.net_time = alpha.float(), sigma.float(), net_time.float()
         self.T = len(alpha)
+        self.sigma_last = float(self.sigma[-1])  # a Python float: no device sync, no graph break under compile
+        self._tables: dict = {}  # device -> (alpha, sigma, net_time) there, so lookups never copy t to the host
         self.params: dict = {}  # constructor arguments, so the schedule can be written back as a scheduler config
 
     # --- constructors ---------------------------------------------------------------------------
@@ -56,15 +58,21 @@ class NoiseSchedule:
         return sch
 
     # --- lookups --------------------------------------------------------------------------------
+    def tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = torch.device(device)
+        if device not in self._tables:
+            self._tables[device] = tuple(v.to(device) for v in (self.alpha, self.sigma, self.net_time))
+        return self._tables[device]
+
     def coeffs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t, sigma_t for per-sample timesteps t (B,), broadcast against `like` (B, ...)."""
-        idx = t.to(device="cpu", dtype=torch.long)
-        a = self.alpha[idx].to(device=like.device, dtype=like.dtype)
-        s = self.sigma[idx].to(device=like.device, dtype=like.dtype)
+        alpha, sigma, _ = self.tables(like.device)
+        idx = t.to(device=like.device, dtype=torch.long)
+        a, s = alpha[idx].to(like.dtype), sigma[idx].to(like.dtype)
         return _bcast(a, like.ndim), _bcast(s, like.ndim)
 
     def time_input(self, t: torch.Tensor) -> torch.Tensor:
-        return self.net_time[t.to("cpu", torch.long)].to(t.device)
+        return self.tables(t.device)[2][t.long()]
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, s = self.coeffs(t, x0)
@@ -100,7 +108,8 @@ class NoiseSchedule:
 
     def loss_weight(self, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """Per-sample weight that turns ||x0_hat - x0||^2 into the family's native training loss."""
-        a, s = self.alpha[t.cpu().long()], self.sigma[t.cpu().long()]
+        alpha, sigma, _ = self.tables(t.device)
+        a, s = alpha[t.long()], sigma[t.long()]
         if self.kind == "edm":  # lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma * sigma_d)^2, EDM Eq. 8 / Table 1
             sd = self.sigma_data
             w = (s ** 2 + sd ** 2) / (s * sd) ** 2

@@ -86,3 +86,13 @@ def test_guidance_scale_one_is_plain_forward():
         torch.testing.assert_close(d.guided(x, t, c, 1.0), d(x, t, c))
         g2 = d.guided(x, t, c, 2.0)
         torch.testing.assert_close(g2, 2 * d(x, t, c) - d(x, t, torch.full_like(c, 10)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["edm", "vp"])
+def test_generator_traces_without_graph_breaks(kind):
+    # a graph break (a .item() or a host copy of t) would cost a device sync per call and rule out CUDA graphs
+    gen = OneStepGenerator(tiny_denoiser(kind)).eval()
+    z, c = torch.randn(3, 1, 8, 8), torch.tensor([0, 4, 9])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(gen)(z, c)
+    assert explained.graph_break_count == 0, explained.break_reasons
