@@ -28,7 +28,18 @@ from . import cli
 TAG = re.compile(r"^step_(\d{6,})$")
 
 
-def _test_hook(var: str, step: int):
+def _swap_in(tmp: Path, final: Path):
+    """Replaces folder `final` by the complete folder `tmp`; the old one is deleted only after the rename, so a
+    kill at any point leaves a whole folder at `final` or at `final` + '.old'."""
+    old = final.with_name("." + final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def kill_hook(var: str, step: int):
     """Test hook: SIGKILL this process when the environment variable `var` names this step."""
     if os.environ.get(var) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -55,17 +66,13 @@ def export_generator(out: Path, models):
     sd = models.generator_state_dict() if zero else None  # collective: every rank takes part
     if not models.is_main:
         return
-    tmp, final, old = out / ".generator.partial", out / "generator", out / ".generator.old"
+    tmp = out / ".generator.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     if zero:
         models.generator.save_pretrained(tmp, state_dict=sd)
     else:
         models.sampling_generator().save_pretrained(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_in(tmp, out / "generator")
 
 
 def save(out: Path, models, trainer, sampler, extra: dict, keep: int = 2):
@@ -79,6 +86,9 @@ def save(out: Path, models, trainer, sampler, extra: dict, keep: int = 2):
 def load(out: Path, models, trainer, sampler):
     if hasattr(models, "engines"):
         return _load_zero(out, models, trainer, sampler)
+    old = out / ".checkpoint.old"
+    if not (out / "checkpoint").exists() and old.is_dir():  # killed between the two renames of _swap_in
+        old.rename(out / "checkpoint")
     path = out / "checkpoint" / "state.pt"
     if not path.is_file():
         raise cli.DMDError(f"--resume: no checkpoint at {path}")
@@ -89,15 +99,11 @@ def load(out: Path, models, trainer, sampler):
 
 def _save_plain(out: Path, models, trainer, sampler, extra: dict):
     """checkpoint/ is replaced atomically: written beside it, then renamed; the old one goes last."""
-    tmp, final, old = out / ".checkpoint.partial", out / "checkpoint", out / ".checkpoint.old"
+    tmp = out / ".checkpoint.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save({"models": models.state_dict(), **_trainer_state(trainer, sampler), **extra}, tmp / "state.pt")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_in(tmp, out / "checkpoint")
 
 
 def _tags(root: Path) -> list[tuple[int, str]]:
@@ -119,7 +125,7 @@ def _save_zero(out: Path, models, trainer, sampler, keep: int):
     models.barrier()
     for name in ("generator", "fake"):
         models.engines[name].save_checkpoint(str(folder), tag=name, save_latest=False)
-    _test_hook("DMD_TEST_KILL_IN_SAVE", trainer.step)
+    kill_hook("DMD_TEST_KILL_IN_SAVE", trainer.step)
     tmp = folder / f".trainer_rank{models.rank}.pt.tmp"
     torch.save(_trainer_state(trainer, sampler), tmp)
     os.replace(tmp, folder / f"trainer_rank{models.rank}.pt")

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -156,7 +155,7 @@ def main():
             raise cli.DMDError(f"step {trainer.step}: {trainer.skips_in_row} non-finite steps in a row (limit "
                                f"train.max_consecutive_skips = {tc.max_consecutive_skips}); stopped, last good "
                                f"checkpoint kept")
-        os.environ.get("DMD_TEST_KILL_AT_STEP") == str(trainer.step) and os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.kill_hook("DMD_TEST_KILL_AT_STEP", trainer.step)  # test hook: SIGKILL mid-run
         for k, v in logs.items():
             if math.isfinite(v):  # a skipped step's non-finite losses are counted, not averaged
                 acc[k] = acc.get(k, 0.0) + v

@@ -61,6 +61,14 @@ def test_train_writes_checkpoint_generator_and_samples(tmp_path, tiny_teacher_di
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 6
 
+    # a kill between the two renames of a save leaves only .checkpoint.old: resume still finds it
+    (out / "checkpoint").rename(out / ".checkpoint.old")
+    r = run("engine/train.py", "--config", str(_cfg(tmp_path, tiny_teacher_dir)), "--out", str(out), "--quiet",
+            "--resume", "--max-steps", "7")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed at step 6" in r.stdout
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 7
+
 
 def test_corrupt_pairs_stop_training_with_the_file_named(tmp_path, tiny_teacher_dir):
     cfg = _cfg(tmp_path, tiny_teacher_dir)
