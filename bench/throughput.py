@@ -213,22 +213,16 @@ def sd15_unet():
 
 
 def _sd_models(tc):
-    """engine.builder.DMDModels' update mechanics around a random-weight SD1.5 UNet (teacher, generator, fake)."""
-    from types import SimpleNamespace
-
+    """engine.builder.DMDModels around a random-weight SD1.5 UNet teacher (generator and fake score: fp32 copies)."""
     from engine.builder import DMDModels
-    from models import Denoiser, NoiseSchedule, OneStepGenerator, trainable_copy
+    from engine.config import DMDConfig
+    from models import Denoiser, NoiseSchedule
     torch.manual_seed(0)
     net, attn = sd15_unet()
-    m = DMDModels.__new__(DMDModels)  # its __init__ loads a teacher folder; everything else is reused
-    m.cfg, m.device, m.ema = SimpleNamespace(train=tc), DEV, None
     sch = NoiseSchedule.vp(1000, 0.00085, 0.012, "scaled_linear")
-    m.teacher = Denoiser(_FixedPrompt(net), sch, "epsilon", None, None, (4, 64, 64)).to(DEV)
-    m.generator = OneStepGenerator(trainable_copy(m.teacher)).to(DEV).train().requires_grad_(True)
-    m.fake = trainable_copy(m.teacher).to(DEV).train().requires_grad_(True)
-    m.teacher.to(torch.bfloat16).eval().requires_grad_(False)
-    m.opt_g = torch.optim.AdamW(m.generator.parameters(), lr=1e-6, betas=(0.0, 0.99))
-    m.opt_f = torch.optim.AdamW(m.fake.parameters(), lr=1e-6, betas=(0.0, 0.99))
+    teacher = Denoiser(_FixedPrompt(net), sch, "epsilon", None, None, (4, 64, 64))
+    m = DMDModels(DMDConfig(train=tc), DEV, teacher=(teacher, "random weights"))
+    m.teacher.to(torch.bfloat16)  # after the copies were made: the frozen teacher alone is kept in bf16
     m.attn = attn
     return m
 
@@ -236,7 +230,8 @@ def _sd_models(tc):
 def sd15_trainer(kernels: str, compile_: bool):
     from engine.config import TrainSection
     from engine.trainer import DMDTrainer
-    tc = TrainSection(batch_size=ARGS.sd15_batch, reg_weight=0.0, kernels=kernels, compile=compile_)
+    tc = TrainSection(batch_size=ARGS.sd15_batch, reg_weight=0.0, kernels=kernels, compile=compile_,
+                      lr_generator=1e-6, lr_fake=1e-6)
     return DMDTrainer(_sd_models(tc), tc, seed=0), tc.batch_size
 
 

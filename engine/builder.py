@@ -69,11 +69,19 @@ class TeacherShapes:
         return tuple(self.teacher.sample_shape)
 
 
+def process_peak_mib(device: torch.device) -> float:
+    """This process's peak memory: torch.cuda.max_memory_allocated on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 class DMDModels(TeacherShapes):
-    def __init__(self, cfg, device="cpu"):
+    def __init__(self, cfg, device="cpu", teacher: tuple | None = None):
+        """teacher: (Denoiser, hash) built by the caller instead of loaded from cfg.model (benchmarks)."""
         tc = cfg.train
         self.cfg, self.device = cfg, torch.device(device)
-        self.teacher, self.teacher_hash = load_teacher(cfg)
+        self.teacher, self.teacher_hash = teacher or load_teacher(cfg)
         self.teacher.to(self.device).eval().requires_grad_(False)
         if cfg.model.kind == "toy2d":
             self.generator = ToyGenerator(cfg.model.toy_hidden)
@@ -130,10 +138,8 @@ class DMDModels(TeacherShapes):
         return {"lr_generator": self.opt_g.param_groups[0]["lr"], "lr_fake": self.opt_f.param_groups[0]["lr"]}
 
     def peak_memory_mib(self) -> list[float]:
-        """[this process's max RSS] on CPU, [torch.cuda.max_memory_allocated] on GPU (one entry per rank)."""
-        if self.device.type == "cuda":
-            return [round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)]
-        return [round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)]
+        """One entry per rank (here one): see process_peak_mib."""
+        return [process_peak_mib(self.device)]
 
     def _trained(self, name):
         return (self.generator, self.opt_g) if name == "generator" else (self.fake, self.opt_f)

@@ -44,9 +44,6 @@ class DMDTrainer:
         if not runs_triton(dmd._dmd_stats_kernel, probe):
             raise DMDError("train.kernels='triton' needs a CUDA device, or TRITON_INTERPRET=1 in the environment "
                            "for Triton's (slow) CPU interpreter")
-        sch = self.m.teacher.schedule
-        # the tables live on the device once, so the noise kernel's lookup costs no host round trip
-        self._tables = sch.tables(self.m.device)[:2]
         return dmd, noise
 
     # --- random inputs ----------------------------------------------------------------------------
@@ -80,7 +77,7 @@ class DMDTrainer:
             t, eps = self._t_eps(x)
             if self.kernels:
                 # eps still comes from the CPU stream, so a run is the same draw for draw as an eager one
-                x_t = self.kernels[1].add_noise(x.detach(), t, *self._tables, eps=eps)
+                x_t = self.kernels[1].add_noise(x.detach(), t, *m.teacher.schedule.tables(x.device)[:2], eps=eps)
             else:
                 x_t = m.teacher.schedule.add_noise(x.detach(), eps, t)
             with torch.no_grad():

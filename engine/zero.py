@@ -20,7 +20,6 @@ import contextlib
 import logging
 import math
 import os
-import resource
 import socket
 import warnings
 
@@ -28,7 +27,7 @@ import torch
 
 from models import Denoiser, OneStepGenerator, weights_hash
 
-from .builder import TeacherShapes, resolve_path
+from .builder import TeacherShapes, process_peak_mib, resolve_path
 from .cli import DMDError
 
 
@@ -40,11 +39,6 @@ def import_deepspeed():
     # DeepSpeed calls torch.distributed's old collective names: one FutureWarning per call, every step
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     return deepspeed
-
-
-def launched_world_size() -> int:
-    """Processes started by a launcher (deepspeed, torchrun) for this run; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(backend: str = "auto"):
@@ -241,13 +235,9 @@ class ZeroDMDModels(TeacherShapes):
         self.dist.barrier()
 
     def peak_memory_mib(self) -> list[float]:
-        """Per rank: torch.cuda.max_memory_allocated on GPU, the process's max RSS on CPU."""
-        if self.device.type == "cuda":
-            mine = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        else:
-            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        """Per rank, gathered (a collective): see builder.process_peak_mib."""
         out = [None] * self.world_size
-        self.dist.all_gather_object(out, round(mine, 1))
+        self.dist.all_gather_object(out, process_peak_mib(self.device))
         return out
 
     def local_param_counts(self) -> dict:

@@ -119,4 +119,4 @@ class NoiseSchedule:
             w = 1 / s ** 2
         else:
             w = torch.ones_like(a)
-        return w.to(t.device)
+        return w
