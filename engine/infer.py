@@ -11,7 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-
 from engine import cli
 from engine.builder import load_generator, load_teacher
 from engine.config import DMDConfig, load
