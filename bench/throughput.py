@@ -7,9 +7,9 @@ Kernel rows, per shape: seconds per call (warm-up, then synchronised wall time o
 (torch.profiler device events on CUDA; n/a on CPU), the bytes that must move (each input read once, each output
 written once: a lower bound, so GB/s is an effective bandwidth), GB/s and its fraction of this run's measured
 device copy bandwidth. Step rows: one generator update + one fake-score update (regression term off: it needs
-pairs and its LPIPS cost does not change with kernels), in samples/s and peak memory, eager vs Triton kernels
-vs kernels + torch.compile. On CPU the Triton rows run in the interpreter: they check the code runs, they are
-not speed figures.
+pairs and its LPIPS cost does not change with kernels), in samples/s and peak memory: eager, Triton kernels,
+kernels + torch.compile of the generator, kernels + torch.compile of all three networks (train.compile_scope).
+On CPU the Triton rows run in the interpreter: they check the code runs, they are not speed figures.
 """
 import argparse
 import gc
@@ -42,6 +42,7 @@ def args_():
     p.add_argument("--sd15-batch", type=int, default=8)
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile column and row")
     p.add_argument("--no-step", action="store_true", help="kernel rows only")
+    p.add_argument("--no-kernels", action="store_true", help="training-step rows only")
     return p.parse_args()
 
 
@@ -159,7 +160,7 @@ def kernel_rows(copy_gbs, dtype, iters):
                 except Exception as e:  # noqa: BLE001 - a failed column is reported, not fatal
                     row = {"shape": name, "dims": list(shape), "op": op, "impl": impl, "error": repr(e)[:200]}
                 rows.append(row)
-                print(fmt_kernel(row), flush=True)
+                emit("kernels", row, fmt_kernel(row))
     return rows
 
 
@@ -172,12 +173,13 @@ def fmt_kernel(r):
 
 
 # --- full training step ----------------------------------------------------------------------------------
-def digits_models(kernels: str, compile_: bool):
+def digits_models(kernels: str, compile_: str | None):
     from engine.builder import DMDModels
     from engine.config import DMDConfig, load
     from engine.trainer import DMDTrainer
     cfg = load(ROOT / "configs/digits.json", DMDConfig,
-               ["train.reg_weight=0", f"train.kernels=\"{kernels}\"", f"train.compile={json.dumps(compile_)}"])
+               ["train.reg_weight=0", f"train.kernels=\"{kernels}\"", f"train.compile={json.dumps(bool(compile_))}",
+                f"train.compile_scope=\"{compile_ or 'generator'}\""])
     torch.manual_seed(0)
     models = DMDModels(cfg, DEV)
     return DMDTrainer(models, cfg.train, seed=0), cfg.train.batch_size
@@ -227,17 +229,19 @@ def _sd_models(tc):
     return m
 
 
-def sd15_trainer(kernels: str, compile_: bool):
+def sd15_trainer(kernels: str, compile_: str | None):
     from engine.config import TrainSection
     from engine.trainer import DMDTrainer
-    tc = TrainSection(batch_size=ARGS.sd15_batch, reg_weight=0.0, kernels=kernels, compile=compile_,
-                      lr_generator=1e-6, lr_fake=1e-6)
+    tc = TrainSection(batch_size=ARGS.sd15_batch, reg_weight=0.0, kernels=kernels, compile=bool(compile_),
+                      compile_scope=compile_ or "generator", lr_generator=1e-6, lr_fake=1e-6)
     return DMDTrainer(_sd_models(tc), tc, seed=0), tc.batch_size
 
 
 def step_rows(iters):
     rows = []
-    variants = [("eager", "eager", False), ("kernels", "triton", False), ("kernels+compile", "triton", True)]
+    # compile scope: None (eager modules), the generator alone, or all three networks (engine/compile.py)
+    variants = [("eager", "eager", None), ("kernels", "triton", None), ("kernels+compile", "triton", "generator"),
+                ("kernels+compile(all)", "triton", "all")]
     models = [("digits", digits_models, None)]
     models.append(("sd15-unet-bf16", sd15_trainer, None) if CUDA else
                   ("sd15-unet-bf16", None, "skipped: SD1.5 needs a GPU and no GPU was used in this run"))
@@ -255,7 +259,7 @@ def step_rows(iters):
                 except Exception as e:  # noqa: BLE001
                     row["error"] = repr(e)[:300]
             rows.append(row)
-            print(fmt_step(row), flush=True)
+            emit("steps", row, fmt_step(row))
             # dynamo's caches hold the previous variant's modules; drop them before the next one is built
             torch._dynamo.reset()
             gc.collect()
@@ -280,9 +284,10 @@ def run_step(build, kernels, comp, iters, autocast):
     out = {"samples_per_s": bs / sec, "ms_per_step": sec * 1e3, "first_step_s": first, "batch": bs,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if CUDA else "n/a"}
     if comp:
-        out["compiled"] = bool(trainer.gen.active)
-        if not trainer.gen.active:
-            out["compile_error"] = trainer.gen.error
+        failed = [c for c in [trainer.gen, *trainer.compiled_nets] if not c.active]
+        out["compiled"] = not failed
+        if failed:
+            out["compile_error"] = "; ".join(f"{c.name}: {c.error}" for c in failed)
     out["warnings"] = sorted({str(w.message)[:120] for w in caught})[:3]
     return out
 
@@ -303,6 +308,18 @@ def fmt_step(r):
             f"{r['first_step_s']:.1f}{comp} |")
 
 
+RESULT: dict = {"kernels": [], "steps": []}
+
+
+def emit(kind: str, row: dict, line: str):
+    """Prints a row and rewrites the JSON with every row so far, so a run cut short keeps what it measured."""
+    print(line, flush=True)
+    RESULT[kind].append(row)
+    if ARGS.json:
+        Path(ARGS.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ARGS.json).write_text(json.dumps(RESULT, indent=2))
+
+
 def main():
     dtype = getattr(torch, ARGS.dtype)
     if CUDA and not torch.cuda.is_available():
@@ -315,21 +332,19 @@ def main():
           f"{'interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'} Triton, inputs {ARGS.dtype}")
     copy_gbs = copy_bandwidth()
     print(f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s\n")
-    print("| shape | op | impl | ms | vs eager | launches | MB moved (min) | GB/s | of copy BW |\n"
-          "|---|---|---|---|---|---|---|---|---|")
-    krows = kernel_rows(copy_gbs, dtype, iters)
-    srows = []
+    RESULT.update({
+        "command": " ".join(["python"] + sys.argv), "device": machine, "torch": torch.__version__,
+        "triton": triton.__version__, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "dtype": ARGS.dtype, "copy_gb_s": copy_gbs, "kernel_iters": iters, "step_iters": step_iters})
+    if not ARGS.no_kernels:
+        print("| shape | op | impl | ms | vs eager | launches | MB moved (min) | GB/s | of copy BW |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+        kernel_rows(copy_gbs, dtype, iters)
     if not ARGS.no_step:
         print("\n| model | variant | samples/s | vs eager | ms/step | peak mem GB | first step s |\n"
               "|---|---|---|---|---|---|---|")
-        srows = step_rows(step_iters)
+        step_rows(step_iters)
     if ARGS.json:
-        Path(ARGS.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ARGS.json).write_text(json.dumps({
-            "command": " ".join(["python"] + sys.argv), "device": machine, "torch": torch.__version__,
-            "triton": triton.__version__, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-            "dtype": ARGS.dtype, "copy_gb_s": copy_gbs, "kernel_iters": iters, "step_iters": step_iters,
-            "kernels": krows, "steps": srows}, indent=2))
         print(f"\nwrote {ARGS.json}")
 
 

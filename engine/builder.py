@@ -144,9 +144,11 @@ class DMDModels(TeacherShapes):
     def _trained(self, name):
         return (self.generator, self.opt_g) if name == "generator" else (self.fake, self.opt_f)
 
-    def sampling_generator(self):
-        """The generator that samples and exports use: the EMA when enabled."""
-        return self.ema if self.ema is not None else self.generator
+    @contextlib.contextmanager
+    def sampling(self):
+        """The generator that samples and exports use: the EMA when enabled. A context manager because the
+        ZeRO-3 engine swaps its partitioned EMA in for the block."""
+        yield self.ema if self.ema is not None else self.generator
 
     @torch.no_grad()
     def update_ema(self):

@@ -63,15 +63,16 @@ def _restore_trainer(s: dict, trainer, sampler):
 def export_generator(out: Path, models):
     """OUT/generator/: weights in the training parameter dtype (bf16 with DeepSpeed on GPU, else fp32)."""
     zero = hasattr(models, "engines")
-    sd = models.generator_state_dict() if zero else None  # collective: every rank takes part
-    if not models.is_main:
-        return
-    tmp = out / ".generator.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if zero:
-        models.generator.save_pretrained(tmp, state_dict=sd)
-    else:
-        models.sampling_generator().save_pretrained(tmp)
+    with models.sampling() as gen:  # the EMA when enabled
+        sd = models.generator_state_dict() if zero else None  # collective: every rank takes part
+        if not models.is_main:
+            return
+        tmp = out / ".generator.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if zero:
+            gen.save_pretrained(tmp, state_dict=sd)
+        else:
+            gen.save_pretrained(tmp)
     _swap_in(tmp, out / "generator")
 
 
@@ -127,7 +128,7 @@ def _save_zero(out: Path, models, trainer, sampler, keep: int):
         models.engines[name].save_checkpoint(str(folder), tag=name, save_latest=False)
     kill_hook("DMD_TEST_KILL_IN_SAVE", trainer.step)
     tmp = folder / f".trainer_rank{models.rank}.pt.tmp"
-    torch.save(_trainer_state(trainer, sampler), tmp)
+    torch.save({**_trainer_state(trainer, sampler), "ema": models.ema_state()}, tmp)  # EMA: this rank's partitions
     os.replace(tmp, folder / f"trainer_rank{models.rank}.pt")
     models.barrier()  # every rank's part is on disk before `latest` may name the tag
     if models.is_main:
@@ -154,5 +155,7 @@ def _load_zero(out: Path, models, trainer, sampler):
                                                       load_lr_scheduler_states=True)
         if path is None:
             raise cli.DMDError(f"--resume: DeepSpeed could not load {folder / name}")
-    _restore_trainer(torch.load(state, weights_only=True), trainer, sampler)
+    s = torch.load(state, map_location=models.device, weights_only=True)
+    models.load_ema_state(s.get("ema"), state)
+    _restore_trainer(s, trainer, sampler)
     return tag

@@ -1,10 +1,15 @@
-"""torch.compile for the generator's forward and backward (config: train.compile, train.compile_mode).
+"""torch.compile for the generator's forward and backward (config: train.compile, train.compile_mode), and with
+train.compile_scope = "all" for the teacher's and the fake score's networks too.
 
 Compilation is lazy in torch: torch.compile() itself rarely fails, the first call does (no C compiler for CPU
 inductor, an unsupported op, an old GPU for Triton). So the first call probes forward *and* backward on the real
 inputs, without touching .grad, and on any failure the wrapper warns once and stays eager for good; a run never
 dies because compilation is unavailable. Mode "auto" picks "reduce-overhead" on CUDA, which adds CUDA graphs when
 shapes are fixed (the generator's are: batch_size and reg_batch_size), and "default" elsewhere.
+
+The teacher and the fake score are compiled without CUDA graphs (mode "default", or max-autotune without graphs):
+each is called several times a step, with and without gradients and, under guidance, on a doubled batch, and
+CUDA graphs reuse a graph's output memory on its next replay.
 
 Not covered: a failure that first shows in a later backward (after a successful probe) still raises. With dropout
 in the generator, compiled and eager runs draw different dropout masks (inductor has its own RNG, and the probe
@@ -33,8 +38,8 @@ class CompiledModule:
     `module` itself stays the owner of the parameters (optimisers, state_dict and EMA keep using it).
     """
 
-    def __init__(self, module: nn.Module, mode: str = "auto", device=None, backend="inductor"):
-        self.module = module
+    def __init__(self, module: nn.Module, mode: str = "auto", device=None, backend="inductor", name="generator"):
+        self.module, self.name = module, name
         device = torch.device(device) if device is not None else next(module.parameters()).device
         self.mode = resolve_mode(mode, device)
         self.cuda_graphs = device.type == "cuda" and self.mode in ("reduce-overhead", "max-autotune")
@@ -61,7 +66,7 @@ class CompiledModule:
         self.error = type(e).__name__ + (f" ({type(root).__name__}: {lines[0]})" if root is not e else
                                          f": {lines[0] if lines else ''}")
         self.compiled = None
-        warnings.warn(f"torch.compile of the generator failed, training continues eagerly ({self.error})",
+        warnings.warn(f"torch.compile of the {self.name} failed, training continues eagerly ({self.error})",
                       RuntimeWarning, stacklevel=3)
 
     def step_begin(self):
@@ -72,6 +77,7 @@ class CompiledModule:
     def _probe(self, args, kwargs):
         params = [p for p in self.module.parameters() if p.requires_grad]
         out = self.compiled(*args, **kwargs)
+        out = getattr(out, "sample", out)  # a diffusers network returns an output dataclass
         if params and out.requires_grad:
             torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
 
@@ -88,3 +94,11 @@ class CompiledModule:
             except Exception as e:  # noqa: BLE001
                 self._fail(e)
         return self.module(*args, **kwargs)
+
+
+def compile_denoiser_net(denoiser: nn.Module, name: str, mode: str, device) -> CompiledModule:
+    """Routes `denoiser`'s network calls through a CompiledModule without CUDA graphs (see the module doc).
+    Set after every copy of the denoiser is made: the hook is a plain attribute, not a submodule."""
+    mode = "max-autotune-no-cudagraphs" if resolve_mode(mode, torch.device(device)) == "max-autotune" else "default"
+    denoiser.net_call = CompiledModule(denoiser.net, mode, device, name=name)
+    return denoiser.net_call

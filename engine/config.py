@@ -72,6 +72,7 @@ class TrainSection:
     kernels: str = "auto"             # DM loss and noise injection: "auto" (Triton on CUDA, eager on CPU), "eager", "triton"
     compile: bool = False             # torch.compile the generator's forward+backward (engine/compile.py)
     compile_mode: str = "auto"        # "auto" = "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere
+    compile_scope: str = "generator"  # "generator", or "all": the teacher's and fake score's networks too
 
 
 @dataclass

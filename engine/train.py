@@ -174,9 +174,10 @@ def main():
                 board.scalars(trainer.step, {**means, **extra, "samples_per_s": rate})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k.startswith("loss")} | {"img/s": f"{rate:.0f}"})
         if tc.sample_every and trainer.step % tc.sample_every == 0:
-            with models.autocast():  # every process draws (ZeRO-3 gathers parameters collectively)
-                x, lab = draw(one_step(models.sampling_generator()), 100, models.sample_shape, models.num_classes,
-                              seed=1, device=models.device)
+            # every process draws (ZeRO-3 gathers parameters collectively)
+            with torch.no_grad(), models.autocast(), models.sampling() as gen:
+                x, lab = draw(one_step(gen), 100, models.sample_shape, models.num_classes, seed=1,
+                              device=models.device)
             if main_rank:
                 grid = out / f"grid_step{trainer.step:06d}.png"
                 save_samples(out / f"samples_step{trainer.step:06d}.npz", x, lab, grid)
@@ -187,9 +188,8 @@ def main():
     bar.close()
     train_s = time.time() - t_train
     save()
-    gen = models.sampling_generator().eval()
-    with torch.no_grad(), models.autocast():
-        x, lab = draw(one_step(gen), cfg.eval.num_samples, models.sample_shape, models.num_classes, seed=12345,
+    with torch.no_grad(), models.autocast(), models.sampling() as gen:
+        x, lab = draw(one_step(gen.eval()), cfg.eval.num_samples, models.sample_shape, models.num_classes, seed=12345,
                       device=models.device)
     mem = models.peak_memory_mib()
     if main_rank:

@@ -24,9 +24,16 @@ class DMDTrainer:
         self.nan_steps = ()  # test hook (engine/train.py reads DMD_TEST_NAN_AT_STEP): steps whose loss is poisoned
         self.kernels = self._kernels(getattr(tc, "kernels", "eager"))
         self.gen = models.generator
+        self.compiled_nets = []
         if getattr(tc, "compile", False):
-            from .compile import CompiledModule
-            self.gen = CompiledModule(models.generator, getattr(tc, "compile_mode", "auto"), models.device)
+            from .compile import CompiledModule, compile_denoiser_net
+            mode, scope = getattr(tc, "compile_mode", "auto"), getattr(tc, "compile_scope", "generator")
+            if scope not in ("generator", "all"):
+                raise DMDError(f"train.compile_scope must be generator or all, got '{scope}'")
+            self.gen = CompiledModule(models.generator, mode, models.device)
+            if scope == "all" and hasattr(models.teacher, "net"):  # the toy's analytic teacher has no network
+                self.compiled_nets = [compile_denoiser_net(models.teacher, "teacher", mode, models.device),
+                                      compile_denoiser_net(models.fake, "fake score", mode, models.device)]
 
     def _kernels(self, choice: str):
         """kernels.dmd and kernels.noise when selected and runnable here, else None (engine.losses, eager)."""

@@ -11,6 +11,10 @@ module by module into GatheredParameters(modifier_rank=0). No process ever holds
 module's parameters are gathered at a time (and rank 0 holds that module's tensors from the file).
 The exception is export: the generator's 16-bit state dict is consolidated on rank 0 (CPU) to be written.
 
+Generator EMA: each rank keeps an fp32 copy of its own partition of every generator parameter, updated from
+the optimiser's fp32 master partition after each step, so it needs no communication. Sampling and export swap
+it into the partitions for the duration (`sampling()`); checkpoints store it in each rank's trainer file.
+
 Data: every process draws the global batch's random inputs from the same seeded stream and keeps its slice
 (`local`), so the union of the slices is the single-process batch and losses match it.
 """
@@ -113,8 +117,6 @@ class ZeroDMDModels(TeacherShapes):
             raise DMDError(f"deepspeed.zero_stage must be 3 (the only stage this engine implements), got {dc.zero_stage}")
         if cfg.model.kind != "unet":
             raise DMDError(f"deepspeed.enabled needs model.kind 'unet', got '{cfg.model.kind}'")
-        if tc.ema_decay > 0:
-            raise DMDError("train.ema_decay > 0 is not implemented with deepspeed.enabled (set it to 0)")
         if not cfg.model.teacher:
             raise DMDError("model.teacher is empty: set it to the teacher's diffusers folder")
         ds = self.ds = init_distributed(dc.backend)
@@ -165,19 +167,83 @@ class ZeroDMDModels(TeacherShapes):
         # The trainer calls the modules themselves: ZeRO-3's hooks live on them, so each call gathers and
         # releases the partitions like a call through the engine does.
         self.teacher, self.generator, self.fake = (self.engines[k].module for k in ("teacher", "generator", "fake"))
-        self.ema = None
+        # Generator EMA, partitioned like the generator: an fp32 shadow of this rank's master partition of
+        # each parameter, so the EMA costs 1/world of a model per rank and no collective per step.
+        self.ema_parts = None
+        if tc.ema_decay > 0:
+            self.ema_parts = [self._master(p).detach().float().clone() for p in self.generator.parameters()]
 
     # --- what DMDTrainer and engine/train.py use (same as DMDModels) ------------------------------------
     @property
     def is_main(self):
         return self.rank == 0
 
-    def sampling_generator(self):
-        """Partitioned: every process must call it together (it gathers parameters on the fly)."""
-        return self.generator
+    @contextlib.contextmanager
+    def sampling(self):
+        """The generator that samples and exports use, with the EMA weights in its partitions while the block
+        runs (restored bit for bit after). Partitioned: every process must enter it and call the generator
+        together (it gathers parameters on the fly)."""
+        if self.ema_parts is None:
+            yield self.generator
+            return
+        params = list(self.generator.parameters())
+        # A parameter may also be whole at the moment (persistent ones, under deepspeed.persistence_threshold
+        # elements, always are), and ZeRO-3 will not re-gather it from its partition: swap it whole too. Which
+        # parameters are whole is the same on every rank, so the gathers in _whole line up.
+        saved = [p.ds_tensor.detach().clone() for p in params]
+        saved_whole = {i: p.data.detach().clone() for i, p in enumerate(params) if self._is_whole(p)}
+        try:
+            with torch.no_grad():
+                for i, (p, e) in enumerate(zip(params, self.ema_parts)):
+                    p.ds_tensor.copy_(e.view_as(p.ds_tensor))
+                    if i in saved_whole:
+                        p.data.copy_(self._whole(p, e))
+            yield self.generator
+        finally:
+            with torch.no_grad():
+                for i, (p, s) in enumerate(zip(params, saved)):
+                    p.ds_tensor.copy_(s)
+                    if self._is_whole(p):  # whole before, or gathered (from the EMA) inside the block
+                        p.data.copy_(saved_whole[i] if i in saved_whole else self._whole(p, s))
 
+    @staticmethod
+    def _is_whole(p) -> bool:
+        return p.ds_numel > 0 and p.data.numel() == p.ds_numel
+
+    def _whole(self, p, part):
+        """A parameter's whole tensor from every rank's partition of it (a collective)."""
+        parts = [torch.empty_like(part) for _ in range(self.world_size)]
+        self.dist.all_gather(parts, part.contiguous())
+        return torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+
+    @staticmethod
+    def _master(p):
+        """This rank's fp32 master partition of a generator parameter (its working partition when the
+        optimiser keeps none)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+        m = safe_get_local_fp32_param(p)
+        return m if m is not None else p.ds_tensor
+
+    @torch.no_grad()
     def update_ema(self):
-        pass
+        if self.ema_parts is None:
+            return
+        w = 1 - self.cfg.train.ema_decay
+        for e, p in zip(self.ema_parts, self.generator.parameters()):
+            e.lerp_(self._master(p).to(e).view_as(e), w)
+
+    def ema_state(self):
+        return self.ema_parts
+
+    def load_ema_state(self, parts, source):
+        if self.ema_parts is None:
+            return
+        if parts is None or len(parts) != len(self.ema_parts) or any(
+                a.shape != b.shape for a, b in zip(parts, self.ema_parts)):
+            raise DMDError(f"--resume: {source} holds no EMA of this generator's partitions "
+                           f"(checkpoint written with train.ema_decay = 0, or by another process count?)")
+        for e, v in zip(self.ema_parts, parts):
+            e.copy_(v)
 
     def local(self, x):
         if x is None or self.world_size == 1:
@@ -211,6 +277,8 @@ class ZeroDMDModels(TeacherShapes):
 
     def step(self, name: str):
         self.engines[name].step()
+        if name == "generator":
+            self.update_ema()
 
     def discard(self, name: str):
         """Drops the pending gradients unapplied: DeepSpeed's own clean-up for an overflowing step."""

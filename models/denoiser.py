@@ -38,10 +38,11 @@ class Denoiser(nn.Module):
         self.num_classes, self.null_class = num_classes, null_class
         self.sample_shape = tuple(sample_shape) if sample_shape else None
         self.cond_kwarg = cond_kwarg
+        self.net_call = None  # optional stand-in for self.net's __call__ (e.g. a compiled one); same weights
 
     def _net(self, x, time, cond):
         kw = {} if cond is None else {self.cond_kwarg: cond}
-        out = self.net(x, time, **kw)
+        out = (self.net_call or self.net)(x, time, **kw)
         return out.sample if hasattr(out, "sample") else out
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:

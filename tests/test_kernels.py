@@ -241,19 +241,21 @@ print("ok")
 
 
 # --- engine integration ------------------------------------------------------------------------------------------
-def _trainer(teacher_dir, kernels, **train):
+def _trainer(teacher_dir, kernels, device="cpu", **train):
     from engine.builder import DMDModels
     from engine.config import DMDConfig, parse
     from engine.trainer import DMDTrainer
     cfg = parse(DMDConfig, {"model": {"kind": "unet", "teacher": str(teacher_dir)},
                             "train": {"batch_size": 5, "reg_weight": 0.0, "kernels": kernels, **train}})
-    return DMDTrainer(DMDModels(cfg), cfg.train, seed=3)
+    return DMDTrainer(DMDModels(cfg, device), cfg.train, seed=3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_trainer_triton_path_matches_eager(tiny_teacher_dir, guidance):
-    eager = _trainer(tiny_teacher_dir, "eager", real_guidance=guidance)
-    fused = _trainer(tiny_teacher_dir, "triton", real_guidance=guidance)
+def test_trainer_triton_path_matches_eager(tiny_teacher_dir, guidance, device):
+    eager = _trainer(tiny_teacher_dir, "eager", device, real_guidance=guidance)
+    # on CUDA the default ("auto") must pick the kernels; on CPU they are asked for (interpreter)
+    fused = _trainer(tiny_teacher_dir, "auto" if device == "cuda" else "triton", device, real_guidance=guidance)
     assert eager.kernels is None and fused.kernels is not None
     for _ in range(2):  # the second step starts from weights the first step changed
         le, lf = eager.train_step(), fused.train_step()
@@ -262,6 +264,64 @@ def test_trainer_triton_path_matches_eager(tiny_teacher_dir, guidance):
             assert lf[k] == pytest.approx(le[k], rel=1e-4, abs=1e-7), k
     for pe, pf in zip(eager.m.generator.parameters(), fused.m.generator.parameters()):
         torch.testing.assert_close(pf, pe, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("scope", ["generator", "all"])
+def test_trainer_compile_on_cuda_is_active_and_matches_eager(tiny_teacher_dir, scope):
+    """On a GPU torch.compile must really compile (no fallback), and agree with eager (fp32, tolerance 1e-3)."""
+    eager = _trainer(tiny_teacher_dir, "eager", "cuda", real_guidance=2.0)
+    comp = _trainer(tiny_teacher_dir, "eager", "cuda", real_guidance=2.0, compile=True, compile_scope=scope)
+    for _ in range(3):  # CUDA graphs: the third step replays graphs recorded in the second
+        le, lc = eager.train_step(), comp.train_step()
+    assert comp.gen.active, comp.gen.error
+    assert len(comp.compiled_nets) == (2 if scope == "all" else 0)
+    assert all(c.active for c in comp.compiled_nets), [c.error for c in comp.compiled_nets]
+    for k in le:
+        assert lc[k] == pytest.approx(le[k], rel=1e-3, abs=1e-6), k
+    for pe, pc in zip(eager.m.generator.parameters(), comp.m.generator.parameters()):
+        torch.testing.assert_close(pc, pe, rtol=1e-3, atol=1e-5)
+
+
+def test_compile_scope_all_routes_teacher_and_fake_through_compile(tiny_teacher_dir, monkeypatch):
+    """compile_scope "all": the teacher's and fake score's networks are called through torch.compile; when that
+    fails lazily (first call), each model warns once, by name, and the step equals the eager one."""
+    def lazily_broken(module, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no compiler here")
+        return call
+
+    eager = _trainer(tiny_teacher_dir, "eager", real_guidance=2.0)
+    monkeypatch.setattr(torch, "compile", lazily_broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        comp = _trainer(tiny_teacher_dir, "eager", real_guidance=2.0, compile=True, compile_scope="all")
+        le, lc = eager.train_step(), comp.train_step()
+        lc2 = comp.train_step()
+    msgs = [str(w.message) for w in caught if "torch.compile of the" in str(w.message)]
+    assert sorted(m.split(" failed")[0] for m in msgs) == [
+        "torch.compile of the fake score", "torch.compile of the generator", "torch.compile of the teacher"], msgs
+    assert not comp.gen.active and not any(c.active for c in comp.compiled_nets)
+    assert comp.m.teacher.net_call is comp.compiled_nets[0] and comp.m.generator.denoiser.net_call is None
+    for k in le:
+        assert lc[k] == pytest.approx(le[k], rel=1e-6, abs=1e-9), k
+    assert lc2["loss_g"] > 0
+
+
+def test_compile_scope_all_traces_each_network(tiny_teacher_dir, monkeypatch):
+    """The same with a working compiler: dynamo traces all three networks (the "eager" backend, so no inductor
+    build on CPU), nothing falls back, and the steps equal the eager ones."""
+    real_compile = torch.compile
+    eager = _trainer(tiny_teacher_dir, "eager", real_guidance=2.0)
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager", dynamic=False))
+    comp = _trainer(tiny_teacher_dir, "eager", real_guidance=2.0, compile=True, compile_scope="all")
+    for _ in range(2):
+        le, lc = eager.train_step(), comp.train_step()
+        for k in le:
+            assert lc[k] == pytest.approx(le[k], rel=1e-5, abs=1e-8), k
+    assert comp.gen.active and all(c.active for c in comp.compiled_nets), \
+        [c.error for c in [comp.gen, *comp.compiled_nets]]
 
 
 def test_trainer_rejects_unknown_kernels_choice(tiny_teacher_dir):
