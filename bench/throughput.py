@@ -80,7 +80,7 @@ def timeit(fn, iters: int, warmup: int = 2) -> float:
 def device_time(fn) -> float:
     """CUDA: median seconds of device time per call (events around each call), with L2 cleared before each call
     (triton.testing.do_bench), so inputs that fit in the 50 MB L2 are still read from memory, as in a training step
-    where UNet calls run in between. Elsewhere: timeit's wall time."""
+    where UNet calls run in between. Elsewhere None: the caller uses timeit's wall time."""
     if not CUDA:
         return None
     from triton.testing import do_bench

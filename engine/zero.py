@@ -119,6 +119,9 @@ class ZeroDMDModels(TeacherShapes):
             raise DMDError(f"deepspeed.enabled needs model.kind 'unet', got '{cfg.model.kind}'")
         if not cfg.model.teacher:
             raise DMDError("model.teacher is empty: set it to the teacher's diffusers folder")
+        if tc.compile:  # dynamo would trace ZeRO-3's gather hooks, and the compile probe's backward would fire
+            # its gradient hooks outside a real step: not supported, rather than silently wrong
+            raise DMDError("train.compile is not supported with deepspeed.enabled (ZeRO-3); set it to false")
         ds = self.ds = init_distributed(dc.backend)
         from deepspeed.accelerator import get_accelerator
         self.dist = torch.distributed

@@ -282,6 +282,10 @@ def test_bad_deepspeed_key_is_one_line(tmp_path):
     r = run("engine/train.py", "--config", "configs/digits_zero3.json", "--out", str(tmp_path / "r"),
             "--set", "deepspeed.zero_stage=2")
     assert r.returncode == 2 and "deepspeed.zero_stage must be 3" in r.stderr, r.stderr
+    r = run("engine/train.py", "--config", "configs/digits_zero3.json", "--out", str(tmp_path / "r"),
+            "--set", "train.compile=true")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "train.compile is not supported with deepspeed.enabled" in r.stderr
 
 
 def test_sd15_config_names_what_is_missing(tmp_path):
