@@ -8,7 +8,8 @@ Kernel rows, per shape: `ms` per call (CUDA: median device time with L2 cleared 
 (torch.profiler device events on CUDA; n/a on CPU), the bytes that must move (each input read once, each output
 written once: a lower bound, so GB/s is an effective bandwidth), GB/s and its fraction of this run's measured
 device copy bandwidth. Step rows: one generator update + one fake-score update (regression term off: it needs
-pairs and its LPIPS cost does not change with kernels), in samples/s and peak memory: eager, Triton kernels,
+pairs and its LPIPS cost does not change with kernels), in samples/s, peak memory and, from one profiled step,
+device kernels, host-device syncs and copies per step: eager, Triton kernels,
 kernels + torch.compile of the generator, kernels + torch.compile of all three networks (train.compile_scope).
 On CPU the Triton rows run in the interpreter: they check the code runs, they are not speed figures.
 """
@@ -96,6 +97,25 @@ def launches(fn):
         fn()
         sync()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def step_profile(step) -> dict:
+    """One more step under torch.profiler: device kernels launched, host-device syncs and copies (each one stalls
+    the host's launch queue), and the ops that take the most time (device time on CUDA, CPU time elsewhere)."""
+    from torch.profiler import ProfilerActivity, profile
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
+        step()
+        sync()
+    names = [e.name for e in prof.events()]
+    out = {"kernels": sum(e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy")
+                          for e in prof.events()) if CUDA else "n/a",
+           "syncs": sum(n in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for n in names),
+           "host_device_copies": sum(n.startswith(("Memcpy HtoD", "Memcpy DtoH")) for n in names)}
+    key = "self_device_time_total" if CUDA else "self_cpu_time_total"
+    top = sorted(prof.key_averages(), key=lambda a: getattr(a, key, 0), reverse=True)[:8]
+    out["top_ops_ms"] = [[a.key, round(getattr(a, key, 0) / 1e3, 3), a.count] for a in top]
+    return out
 
 
 def copy_bandwidth() -> float:
@@ -307,6 +327,7 @@ def run_step(build, kernels, comp, iters, autocast):
     out = {"samples_per_s": bs / sec, "ms_per_step": sec * 1e3, "ms_per_step_all": [t * 1e3 for t in times],
            "first_step_s": first, "batch": bs,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if CUDA else "n/a"}
+    out["profile"] = step_profile(step)  # after the timed steps and the peak-memory reading: not in either
     if comp:
         failed = [c for c in [trainer.gen, *trainer.compiled_nets] if not c.active]
         out["compiled"] = not failed
@@ -324,12 +345,13 @@ def _autocast_step(trainer):
 def fmt_step(r):
     head = f"| {r['model']} | {r['variant']} |"
     if "skipped" in r or "error" in r:
-        return f"{head} {r.get('skipped') or 'error: ' + r['error']} | | | | |"
+        return f"{head} {r.get('skipped') or 'error: ' + r['error']} | | | | | |"
     mem = r["peak_mem_gb"] if isinstance(r["peak_mem_gb"], str) else f"{r['peak_mem_gb']:.2f}"
     comp = "" if "compiled" not in r else (" (compiled)" if r["compiled"] else f" (fell back: {r['compile_error']})")
     sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "n/a"
+    pr = r["profile"]
     return (f"{head} {r['samples_per_s']:.1f} | {sp} | {r['ms_per_step']:.1f} | {mem} | "
-            f"{r['first_step_s']:.1f}{comp} |")
+            f"{pr['kernels']} / {pr['syncs']} / {pr['host_device_copies']} | {r['first_step_s']:.1f}{comp} |")
 
 
 RESULT: dict = {"kernels": [], "steps": []}
@@ -360,13 +382,17 @@ def main():
         "command": " ".join(["python"] + sys.argv), "device": machine, "torch": torch.__version__,
         "triton": triton.__version__, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "dtype": ARGS.dtype, "copy_gb_s": copy_gbs, "kernel_iters": iters, "step_iters": step_iters})
+    if CUDA:
+        p = torch.cuda.get_device_properties(DEV)
+        RESULT["device_props"] = {"sm_count": p.multi_processor_count, "memory_gb": p.total_memory / 1e9,
+                                  "l2_mb": getattr(p, "L2_cache_size", 0) / 1e6, "capability": f"{p.major}.{p.minor}"}
     if not ARGS.no_kernels:
         print("| shape | op | impl | ms | vs eager | wall ms | wall vs eager | launches | MB moved (min) | GB/s | "
               "of copy BW |\n|---|---|---|---|---|---|---|---|---|---|---|")
         kernel_rows(copy_gbs, dtype, iters)
     if not ARGS.no_step:
-        print("\n| model | variant | samples/s | vs eager | ms/step | peak mem GB | first step s |\n"
-              "|---|---|---|---|---|---|---|")
+        print("\n| model | variant | samples/s | vs eager | ms/step | peak mem GB | kernels / syncs / copies per step "
+              "| first step s |\n|---|---|---|---|---|---|---|---|")
         step_rows(step_iters)
     if ARGS.json:
         print(f"\nwrote {ARGS.json}")
