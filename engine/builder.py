@@ -76,6 +76,17 @@ def process_peak_mib(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+@contextlib.contextmanager
+def eval_mode(module):
+    """`module` in eval mode for the block, then back in the mode it was in."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
 class DMDModels(TeacherShapes):
     def __init__(self, cfg, device="cpu", teacher: tuple | None = None):
         """teacher: (Denoiser, hash) built by the caller instead of loaded from cfg.model (benchmarks)."""
@@ -146,9 +157,11 @@ class DMDModels(TeacherShapes):
 
     @contextlib.contextmanager
     def sampling(self):
-        """The generator that samples and exports use: the EMA when enabled. A context manager because the
+        """The generator that samples and exports use: the EMA when enabled, in eval mode for the block (no
+        dropout in samples, and sampling draws nothing from the training RNG). A context manager because the
         ZeRO-3 engine swaps its partitioned EMA in for the block."""
-        yield self.ema if self.ema is not None else self.generator
+        with eval_mode(self.ema if self.ema is not None else self.generator) as gen:
+            yield gen
 
     @torch.no_grad()
     def update_ema(self):

@@ -189,7 +189,7 @@ def main():
     train_s = time.time() - t_train
     save()
     with torch.no_grad(), models.autocast(), models.sampling() as gen:
-        x, lab = draw(one_step(gen.eval()), cfg.eval.num_samples, models.sample_shape, models.num_classes, seed=12345,
+        x, lab = draw(one_step(gen), cfg.eval.num_samples, models.sample_shape, models.num_classes, seed=12345,
                       device=models.device)
     mem = models.peak_memory_mib()
     if main_rank:

@@ -31,7 +31,7 @@ import torch
 
 from models import Denoiser, OneStepGenerator, weights_hash
 
-from .builder import TeacherShapes, process_peak_mib, resolve_path
+from .builder import TeacherShapes, eval_mode, process_peak_mib, resolve_path
 from .cli import DMDError
 
 
@@ -183,11 +183,12 @@ class ZeroDMDModels(TeacherShapes):
 
     @contextlib.contextmanager
     def sampling(self):
-        """The generator that samples and exports use, with the EMA weights in its partitions while the block
-        runs (restored bit for bit after). Partitioned: every process must enter it and call the generator
+        """The generator that samples and exports use, in eval mode and with the EMA weights in its partitions
+        while the block runs (restored bit for bit after). Partitioned: every process must enter it and call the generator
         together (it gathers parameters on the fly)."""
         if self.ema_parts is None:
-            yield self.generator
+            with eval_mode(self.generator) as gen:
+                yield gen
             return
         params = list(self.generator.parameters())
         # A parameter may also be whole at the moment (persistent ones, under deepspeed.persistence_threshold
@@ -201,7 +202,8 @@ class ZeroDMDModels(TeacherShapes):
                     p.ds_tensor.copy_(e.view_as(p.ds_tensor))
                     if i in saved_whole:
                         p.data.copy_(self._whole(p, e))
-            yield self.generator
+            with eval_mode(self.generator) as gen:
+                yield gen
         finally:
             with torch.no_grad():
                 for i, (p, s) in enumerate(zip(params, saved)):

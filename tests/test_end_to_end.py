@@ -93,3 +93,17 @@ def test_evaluate_rejects_bad_npz(tmp_path):
     np.savez(tmp_path / "bad.npz", pictures=np.zeros((3, 8, 8, 1), np.uint8))
     r = run("engine/evaluate.py", str(tmp_path / "bad.npz"))
     assert r.returncode == 2 and "expected arrays 'images'" in r.stderr
+
+
+def test_sampling_generator_is_in_eval_mode_then_back_to_training(tiny_teacher_dir):
+    """Sample grids and exports must not see dropout (nor draw from the training RNG), and training resumes
+    in train mode afterwards."""
+    from engine.builder import DMDModels
+    from engine.config import DMDConfig, parse
+    for ema in (0.0, 0.9):
+        m = DMDModels(parse(DMDConfig, {"model": {"kind": "unet", "teacher": str(tiny_teacher_dir)},
+                                        "train": {"batch_size": 4, "ema_decay": ema}}))
+        assert m.generator.training
+        with m.sampling() as gen:
+            assert gen is (m.ema if ema else m.generator) and not gen.training
+        assert m.generator.training and (m.ema is None or not m.ema.training)
