@@ -233,32 +233,15 @@ class _FixedPrompt(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=self.emb.expand(x.shape[0], -1, -1).to(x.dtype)).sample
 
 
-def sd15_unet():
-    from diffusers import UNet2DConditionModel
-    net = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json, written out
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
-        freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5, center_input_sample=False)
-    try:
-        import xformers  # noqa: F401
-        net.enable_xformers_memory_efficient_attention()
-        attn = "xformers"
-    except Exception:  # noqa: BLE001 - diffusers' default processor is torch SDPA
-        attn = "sdpa"
-    return net, attn
-
-
 def _sd_models(tc):
     """engine.builder.DMDModels around a random-weight SD1.5 UNet teacher (generator and fake score: fp32 copies)."""
     from engine.builder import DMDModels
     from engine.config import DMDConfig
-    from models import Denoiser, NoiseSchedule
+    from models import Denoiser
+    from models.sd15 import sd15_schedule, sd15_unet
     torch.manual_seed(0)
     net, attn = sd15_unet()
-    sch = NoiseSchedule.vp(1000, 0.00085, 0.012, "scaled_linear")
-    teacher = Denoiser(_FixedPrompt(net), sch, "epsilon", None, None, (4, 64, 64))
+    teacher = Denoiser(_FixedPrompt(net), sd15_schedule(), "epsilon", None, None, (4, 64, 64))
     m = DMDModels(DMDConfig(train=tc), DEV, teacher=(teacher, "random weights"))
     m.teacher.to(torch.bfloat16)  # after the copies were made: the frozen teacher alone is kept in bf16
     m.attn = attn

@@ -163,6 +163,10 @@ class DMDModels(TeacherShapes):
         with eval_mode(self.ema if self.ema is not None else self.generator) as gen:
             yield gen
 
+    def generator_state_dict(self):
+        """None: the sampling generator holds its own weights (ZeRO-3 gathers them here)."""
+        return None
+
     @torch.no_grad()
     def update_ema(self):
         if self.ema is None:

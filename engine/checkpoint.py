@@ -62,17 +62,13 @@ def _restore_trainer(s: dict, trainer, sampler):
 
 def export_generator(out: Path, models):
     """OUT/generator/: weights in the training parameter dtype (bf16 with DeepSpeed on GPU, else fp32)."""
-    zero = hasattr(models, "engines")
     with models.sampling() as gen:  # the EMA when enabled
-        sd = models.generator_state_dict() if zero else None  # collective: every rank takes part
+        sd = models.generator_state_dict()  # ZeRO-3: a collective, every rank takes part
         if not models.is_main:
             return
         tmp = out / ".generator.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        if zero:
-            gen.save_pretrained(tmp, state_dict=sd)
-        else:
-            gen.save_pretrained(tmp)
+        gen.save_pretrained(tmp, state_dict=sd)
     _swap_in(tmp, out / "generator")
 
 
@@ -128,7 +124,7 @@ def _save_zero(out: Path, models, trainer, sampler, keep: int):
         models.engines[name].save_checkpoint(str(folder), tag=name, save_latest=False)
     kill_hook("DMD_TEST_KILL_IN_SAVE", trainer.step)
     tmp = folder / f".trainer_rank{models.rank}.pt.tmp"
-    torch.save({**_trainer_state(trainer, sampler), "ema": models.ema_state()}, tmp)  # EMA: this rank's partitions
+    torch.save({**_trainer_state(trainer, sampler), "ema": models.ema_parts}, tmp)  # EMA: this rank's partitions
     os.replace(tmp, folder / f"trainer_rank{models.rank}.pt")
     models.barrier()  # every rank's part is on disk before `latest` may name the tag
     if models.is_main:

@@ -183,12 +183,17 @@ class ZeroDMDModels(TeacherShapes):
 
     @contextlib.contextmanager
     def sampling(self):
-        """The generator that samples and exports use, in eval mode and with the EMA weights in its partitions
-        while the block runs (restored bit for bit after). Partitioned: every process must enter it and call the generator
-        together (it gathers parameters on the fly)."""
+        """The generator that samples and exports use: in eval mode, with the EMA weights in its partitions
+        while the block runs. Partitioned: every process must enter it and call the generator together (it
+        gathers parameters on the fly)."""
+        with self._ema_swapped_in(), eval_mode(self.generator) as gen:
+            yield gen
+
+    @contextlib.contextmanager
+    def _ema_swapped_in(self):
+        """The EMA in the generator's partitions for the block, the trained weights restored bit for bit after."""
         if self.ema_parts is None:
-            with eval_mode(self.generator) as gen:
-                yield gen
+            yield
             return
         params = list(self.generator.parameters())
         # A parameter may also be whole at the moment (persistent ones, under deepspeed.persistence_threshold
@@ -202,8 +207,7 @@ class ZeroDMDModels(TeacherShapes):
                     p.ds_tensor.copy_(e.view_as(p.ds_tensor))
                     if i in saved_whole:
                         p.data.copy_(self._whole(p, e))
-            with eval_mode(self.generator) as gen:
-                yield gen
+            yield
         finally:
             with torch.no_grad():
                 for i, (p, s) in enumerate(zip(params, saved)):
@@ -236,9 +240,6 @@ class ZeroDMDModels(TeacherShapes):
         w = 1 - self.cfg.train.ema_decay
         for e, p in zip(self.ema_parts, self.generator.parameters()):
             e.lerp_(self._master(p).to(e).view_as(e), w)
-
-    def ema_state(self):
-        return self.ema_parts
 
     def load_ema_state(self, parts, source):
         if self.ema_parts is None:
@@ -278,7 +279,8 @@ class ZeroDMDModels(TeacherShapes):
                 if g is not None:
                     sq += g.double().square().sum()
         self.dist.all_reduce(sq)
-        return math.sqrt(sq.item()) if math.isfinite(sq.item()) else float("nan")
+        v = sq.item()
+        return math.sqrt(v) if math.isfinite(v) else float("nan")
 
     def step(self, name: str):
         self.engines[name].step()

@@ -78,10 +78,12 @@ class ToyGenerator(nn.Module):
     def forward(self, z, cond=None):
         return self.mlp(z)
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, state_dict: dict | None = None):
+        """state_dict: the weights to write when this module does not hold them (as OneStepGenerator)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
+        sd = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps({"_class_name": "ToyGenerator", "hidden": self.hidden,
                                                         "init_mean": list(self.init_mean)}))
 

@@ -96,3 +96,15 @@ def test_generator_traces_without_graph_breaks(kind):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gen)(z, c)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_sd15_architecture_is_the_real_one():
+    """models/sd15.py (the benchmarks' SD1.5 UNet) has SD1.5's 859,520,964 parameters (built on the meta device:
+    no memory) and its 1000-step scaled-linear schedule."""
+    from diffusers import UNet2DConditionModel
+    from models.sd15 import SD15_UNET_CONFIG, sd15_schedule
+    with torch.device("meta"):
+        net = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    assert sum(p.numel() for p in net.parameters()) == 859_520_964
+    sch = sd15_schedule()
+    assert sch.T == 1000 and abs(float(sch.alpha[-1] ** 2) - 0.0047) < 1e-4  # alphas_cumprod[-1] of SD1.5
