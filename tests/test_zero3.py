@@ -3,6 +3,7 @@ on a tiny random teacher. Partitioning, parity with one process, kill-and-resume
 the exported generator under stock diffusers."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,11 +41,39 @@ def _free_port():
         return str(s.getsockname()[1])
 
 
-def launch(cfg, out, *extra, env=None, procs=2):
-    cmd = [str(DEEPSPEED), "--num_gpus", str(procs), "--master_port", _free_port(), "engine/train.py",
+SHM = Path("/dev/shm")
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"  # DeepSpeed's CPU all-reduce files, never unlinked by DeepSpeed
+
+
+def launch(cfg, out, *extra, env=None, procs=2, timeout=600):
+    port = _free_port()
+    cmd = [str(DEEPSPEED), "--num_gpus", str(procs), "--master_port", port, "engine/train.py",
            "--config", str(cfg), "--out", str(out), "--quiet", *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})}, start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # kill the ranks too: killing only the launcher leaves them running, starving every later test
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    leaked = list(SHM.glob(f"{SHM_BUFFERS}_{port}_*"))
+    for f in leaked:
+        f.unlink()
+    assert not leaked, f"the run left {len(leaked)} DeepSpeed shared-memory buffers in {SHM}: {leaked}"
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_shared_memory_left_behind():
+    """One-process runs pick their own port; this catches their buffers (69 MB of RAM each until reboot)."""
+    before = set(SHM.glob(SHM_BUFFERS))
+    yield
+    leaked = set(SHM.glob(SHM_BUFFERS)) - before
+    for f in leaked:
+        f.unlink()
+    assert not leaked, f"runs left DeepSpeed shared-memory buffers in {SHM}: {sorted(leaked)}"
 
 
 def _log(out):
