@@ -37,8 +37,8 @@ def load_teacher(cfg) -> tuple[Denoiser, str]:
         t = GaussianMixtureDenoiser()
         h = hashlib.sha256(repr((t.means.tolist(), t.std, t.log_w.tolist())).encode()).hexdigest()
         return t, h
-    if cfg.model.kind != "unet":
-        raise DMDError(f"model.kind must be 'unet' or 'toy2d', got '{cfg.model.kind}'")
+    if cfg.model.kind not in ("unet", "sd15"):
+        raise DMDError(f"model.kind must be 'unet', 'sd15' or 'toy2d', got '{cfg.model.kind}'")
     if not cfg.model.teacher:
         raise DMDError("model.teacher is empty: set it to the teacher's diffusers folder")
     folder = resolve_path(cfg.model.teacher)
@@ -58,15 +58,24 @@ def _adamw(params, lr, tc):
 
 
 class TeacherShapes:
-    """What the trainer and samplers read off the teacher; shared by DMDModels and zero.ZeroDMDModels."""
+    """What the trainer and samplers read off the teacher; shared by DMDModels and zero.ZeroDMDModels.
+    Conditions are drawn as integers: class labels, or for text models (self.text) prompt indices, which
+    `condition` turns into embeddings; `to_images` decodes a latent model's samples."""
+    text = None  # engine.text2image.TextToImage for latent text-to-image teachers
 
     @property
     def num_classes(self):
-        return self.teacher.num_classes
+        return self.text.num_prompts if self.text is not None else self.teacher.num_classes
 
     @property
     def sample_shape(self):
         return tuple(self.teacher.sample_shape)
+
+    def condition(self, idx):
+        return self.text.embed(idx) if self.text is not None and idx is not None else idx
+
+    def to_images(self, x):
+        return self.text.decode(x) if self.text is not None else x
 
 
 def process_peak_mib(device: torch.device) -> float:
@@ -94,6 +103,8 @@ class DMDModels(TeacherShapes):
         self.cfg, self.device = cfg, torch.device(device)
         self.teacher, self.teacher_hash = teacher or load_teacher(cfg)
         self.teacher.to(self.device).eval().requires_grad_(False)
+        from .text2image import load_text
+        self.text = load_text(cfg, self.teacher, self.device)  # before the copies: they share its null condition
         if cfg.model.kind == "toy2d":
             self.generator = ToyGenerator(cfg.model.toy_hidden)
             self.fake = mlp_denoiser(cfg.model.toy_hidden)

@@ -69,6 +69,8 @@ def export_generator(out: Path, models):
         tmp = out / ".generator.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         gen.save_pretrained(tmp, state_dict=sd)
+        if models.text is not None:  # text models: a StableDiffusionPipeline folder that samples in one step
+            models.text.complete_pipeline(tmp, gen.denoiser.schedule, gen.denoiser.prediction_type)
     _swap_in(tmp, out / "generator")
 
 

@@ -20,15 +20,19 @@ class ConfigError(ValueError):
 # DMD distillation (engine/train.py, make_pairs.py, infer.py)
 @dataclass
 class ModelSection:
-    kind: str = "unet"                # "unet": teacher from a diffusers folder; "toy2d": analytic 2-D mixture
-    teacher: str = ""                 # the teacher's diffusers folder (kind = unet), relative to the cwd
+    kind: str = "unet"                # "unet": class-conditional teacher from a diffusers folder; "sd15": latent
+                                      # text-to-image (Stable Diffusion folder); "toy2d": analytic 2-D mixture
+    teacher: str = ""                 # the teacher's diffusers folder (unet, sd15), relative to the cwd
+    decoder: str = ""                 # sd15: autoencoder folder that decodes latents for the regression loss and
+                                      # samples ("" = the teacher's vae/; a TAESD folder makes LPIPS cheap)
     toy_hidden: int = 128             # toy2d: width of the MLP generator and fake score
 
 
 @dataclass
 class DataSection:
-    dataset: str = "digits"           # "digits" (scikit-learn, embedded) or "toy2d"
-    resolution: int = 8               # digits: a multiple of 8 (8 is the data's own resolution)
+    dataset: str = "digits"           # "digits" (scikit-learn, embedded), "toy2d", or "prompts" (sd15)
+    resolution: int = 8               # digits: a multiple of 8 (8 is the data's own resolution); sd15: image side
+    prompts: str = ""                 # prompts: text file, one prompt per line (conditions, pairs and samples)
     pairs_dir: str = ""               # "" = OUT/pairs; set it to share pairs between runs
     num_pairs: int = 2000             # regression pairs (z, y) made with the teacher's ODE sampler
     pair_sampler: str = "heun"        # "heun" (EDM Alg. 1) or "ddim"
@@ -96,6 +100,7 @@ class EvalSection:
     num_samples: int = 1800           # samples written to OUT/samples.npz at the end of a run
     teacher_sampler: str = "heun"
     teacher_steps: int = 18
+    batch_size: int = 500             # samples per generator call when drawing (sd15: each batch is decoded too)
 
 
 @dataclass

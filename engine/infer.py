@@ -2,8 +2,11 @@
 
     python engine/infer.py --checkpoint RUN_DIR --num 1000 --out samples.npz [--grid grid.png]
     python engine/infer.py --checkpoint RUN_DIR --teacher --sampler heun --steps 18 --num 1000 --out t.npz
+    python engine/infer.py --checkpoint SD_RUN --prompt "a red bicycle" --prompt "a bowl of soup" --num 8 --out s.npz
 
-The .npz holds images (uint8 N×H×W×C) and labels (int, N); toy runs write samples (N×2) instead.
+The .npz holds images (uint8 N×H×W×C) and labels (int, N; for text models the prompt index, prompts cycling
+over the samples); toy runs write samples (N×2) instead. The generator folder of a text run is also a stock
+StableDiffusionPipeline folder (one step: num_inference_steps=1, guidance_scale=1).
 """
 import _bootstrap  # noqa: F401
 
@@ -15,6 +18,7 @@ from engine import cli
 from engine.builder import load_generator, load_teacher
 from engine.config import DMDConfig, load
 from engine.sampling import draw, one_step, save_samples, teacher_sampler
+from engine.text2image import load_text
 from models.samplers import nfe
 
 
@@ -30,22 +34,33 @@ def main():
     p.add_argument("--sampler", default="heun", choices=["heun", "ddim"])
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--prompt", action="append", help="text models: a prompt (repeat for several); default: the "
+                   "run's data.prompts file")
+    p.add_argument("--prompts", help="text models: a file with one prompt per line")
     args = p.parse_args()
     run = Path(args.checkpoint)
     if not (run / "config.json").is_file():
         raise cli.DMDError(f"'{run}' is not a run folder (no config.json)")
     if args.num < 1:
         raise cli.DMDError(f"--num must be >= 1, got {args.num}")
-    cfg = load(run / "config.json", DMDConfig)
+    overrides = [f"data.prompts={args.prompts}"] if args.prompts else []
+    cfg = load(run / "config.json", DMDConfig, overrides)
     teacher, _ = load_teacher(cfg)
     teacher.eval()
+    text = load_text(cfg, teacher)
+    if text is None and (args.prompt or args.prompts):
+        raise cli.DMDError(f"--prompt/--prompts need a text model; '{run}' has model.kind '{cfg.model.kind}'")
+    if text is not None and args.prompt:
+        text.prompts = list(args.prompt)
+    num_classes = text.num_prompts if text is not None else teacher.num_classes
+    condition, to_images = (text.embed, text.decode) if text is not None else (None, None)
     if args.teacher:
-        fn, what = teacher_sampler(teacher, args.sampler, args.steps, args.guidance), \
+        fn, what = one_step(teacher_sampler(teacher, args.sampler, args.steps, args.guidance), condition, to_images), \
             f"teacher {args.sampler} x{args.steps} ({nfe(args.sampler, args.steps)} NFE)"
     else:
-        fn, what = one_step(load_generator(run, cfg.model.kind).eval()), "generator (1 NFE)"
+        fn, what = one_step(load_generator(run, cfg.model.kind).eval(), condition, to_images), "generator (1 NFE)"
     t0 = time.time()
-    x, labels = draw(fn, args.num, teacher.sample_shape, teacher.num_classes, args.seed, args.batch_size, what)
+    x, labels = draw(fn, args.num, teacher.sample_shape, num_classes, args.seed, args.batch_size, what)
     dt = time.time() - t0
     save_samples(args.out, x, labels, args.grid)
     print(f"{what}: {args.num} samples in {dt:.2f} s ({1000 * dt / args.num:.2f} ms/sample, CPU) -> {args.out}")

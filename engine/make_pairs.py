@@ -14,6 +14,7 @@ from engine import cli
 from engine.builder import load_teacher
 from engine.config import DMDConfig, load
 from engine.pairs import PairReader, expected_manifest, write_pairs
+from engine.text2image import load_text
 
 
 def main():
@@ -23,9 +24,11 @@ def main():
     folder = Path(cfg.data.pairs_dir) if cfg.data.pairs_dir else out / "pairs"
     teacher, h = load_teacher(cfg)
     teacher.eval()
+    text = load_text(cfg, teacher)
     t0 = time.time()
-    write_pairs(folder, teacher, h, cfg.data)
-    reader = PairReader(folder, expected_manifest(h, cfg.data, teacher.sample_shape, teacher.num_classes))
+    write_pairs(folder, teacher, h, cfg.data, text=text)
+    num = text.num_prompts if text is not None else teacher.num_classes
+    reader = PairReader(folder, expected_manifest(h, cfg.data, teacher.sample_shape, num, text))
     print(f"{len(reader)} pairs in {folder} ({time.time() - t0:.1f} s)")
 
 

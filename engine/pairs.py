@@ -3,7 +3,7 @@
 A pairs folder holds plain .npy shards, so any reader (numpy, DALI's numpy reader, memmap) can use them:
     shard_00000.z.npy      (n, *shape)  float32   the unit noise the sampler started from
     shard_00000.y.npy      (n, *shape)  float32   the teacher's deterministic ODE output
-    shard_00000.label.npy  (n,)         int64     class label (or prompt index)
+    shard_00000.label.npy  (n,)         int64     class label, or prompt index (text models)
     manifest.json          teacher weights hash, sampler, steps, guidance, shapes, dtype, count, seeds, shards
 Pair i's noise is drawn from torch.Generator().manual_seed(seed + i), so any pair can be remade alone and
 shards can be made in parallel anywhere. The manifest is written last: a folder without one is incomplete.
@@ -38,30 +38,35 @@ def labels_for(indices, num_classes: int | None) -> torch.Tensor:
     return torch.as_tensor([int(i) % num_classes if num_classes else 0 for i in indices], dtype=torch.long)
 
 
-def expected_manifest(teacher_hash: str, dc, shape, num_classes) -> dict:
-    """The manifest fields that must match for a pairs folder to be usable with this teacher and config."""
-    return {"format": FORMAT, "teacher_hash": teacher_hash, "sampler": dc.pair_sampler, "steps": dc.pair_steps,
-            "nfe": nfe(dc.pair_sampler, dc.pair_steps), "guidance": dc.pair_guidance, "shape": list(shape),
-            "dtype": "float32", "count": dc.num_pairs, "seed": dc.pair_seed, "num_classes": num_classes}
+def expected_manifest(teacher_hash: str, dc, shape, num_classes, text=None) -> dict:
+    """The manifest fields that must match for a pairs folder to be usable with this teacher and config.
+    Text models (engine.text2image.TextToImage): label i is prompt i, and the prompt list is pinned by hash."""
+    man = {"format": FORMAT, "teacher_hash": teacher_hash, "sampler": dc.pair_sampler, "steps": dc.pair_steps,
+           "nfe": nfe(dc.pair_sampler, dc.pair_steps), "guidance": dc.pair_guidance, "shape": list(shape),
+           "dtype": "float32", "count": dc.num_pairs, "seed": dc.pair_seed, "num_classes": num_classes}
+    if text is not None:
+        man["prompts_hash"] = text.prompts_hash
+    return man
 
 
-def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True) -> Path:
+def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, text=None) -> Path:
     """Run the teacher's sampler on seeded noise and write shards + manifest.json into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").unlink(missing_ok=True)
     shape = tuple(teacher.sample_shape)
-    man = expected_manifest(teacher_hash, dc, shape, teacher.num_classes)
+    num = text.num_prompts if text is not None else teacher.num_classes
+    man = expected_manifest(teacher_hash, dc, shape, num, text)
     man["shards"] = []
     bar = tqdm(total=dc.num_pairs, desc=f"pairs ({dc.pair_sampler} x{dc.pair_steps})", disable=not progress,
                dynamic_ncols=True)
     for k, start in enumerate(range(0, dc.num_pairs, dc.shard_size)):
         idx = list(range(start, min(start + dc.shard_size, dc.num_pairs)))
-        z, lab = noise_for(idx, shape, dc.pair_seed), labels_for(idx, teacher.num_classes)
+        z, lab = noise_for(idx, shape, dc.pair_seed), labels_for(idx, num)
         ys = []
         for b in range(0, len(idx), dc.pair_batch_size):
             sl = slice(b, b + dc.pair_batch_size)
-            cond = lab[sl] if teacher.num_classes else None
+            cond = (text.embed(lab[sl]) if text is not None else lab[sl]) if num else None
             ys.append(sample(teacher, z[sl], cond, dc.pair_sampler, dc.pair_steps, dc.pair_guidance))
             bar.update(len(ys[-1]))
         arrays = {"z": z.numpy().astype(np.float32), "y": torch.cat(ys).numpy().astype(np.float32),

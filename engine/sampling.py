@@ -31,8 +31,12 @@ def draw(fn, n: int, shape, num_classes, seed: int = 0, batch_size: int = 500, d
     return torch.cat(out), labels
 
 
-def one_step(generator):
-    return lambda z, c: generator(z, c)
+def one_step(generator, condition=None, to_images=None):
+    """fn(z, labels) for `draw`: condition maps labels to the generator's condition (text models: prompt
+    indices -> embeddings), to_images decodes latents."""
+    condition = condition or (lambda c: c)
+    to_images = to_images or (lambda x: x)
+    return lambda z, c: to_images(generator(z, condition(c)))
 
 
 def teacher_sampler(teacher, sampler: str, steps: int, guidance: float = 1.0):

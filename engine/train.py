@@ -27,14 +27,11 @@ from engine.losses import make_regression_loss
 from engine.plots import plot_log
 from engine.pairs import BatchSampler, PairReader, expected_manifest, write_pairs
 from engine.sampling import draw, one_step, save_samples
+from engine.text2image import DecodedRegression, load_text
 from engine.trainer import DMDTrainer
 
 
 def build_models(cfg):
-    if cfg.model.kind == "sd15":
-        raise cli.DMDError("model.kind 'sd15' is not implemented yet: it needs a text-conditioned teacher "
-                           "(UNet2DConditionModel + CLIP text encoder), a VAE for latents, and a prompt dataset "
-                           "(data.dataset 'prompts'); configs/sd15_zero3.json is the intended run")
     if cfg.deepspeed.enabled:
         from engine.zero import ZeroDMDModels
         return ZeroDMDModels(cfg)
@@ -50,11 +47,14 @@ def open_pairs(cfg, models, out: Path, progress=True) -> PairReader:
     With several processes rank 0 makes them with an unpartitioned teacher while the others wait; for
     teachers too big for one device, make them beforehand with engine/make_pairs.py."""
     folder = Path(cfg.data.pairs_dir) if cfg.data.pairs_dir else out / "pairs"
-    expect = expected_manifest(models.teacher_hash, cfg.data, models.sample_shape, models.num_classes)
+    expect = expected_manifest(models.teacher_hash, cfg.data, models.sample_shape, models.num_classes, models.text)
     if not (folder / "manifest.json").is_file() and models.is_main:
         print(f"making {cfg.data.num_pairs} regression pairs in {folder}")
-        teacher = models.teacher if isinstance(models, DMDModels) else load_teacher(cfg)[0]
-        write_pairs(folder, teacher, models.teacher_hash, cfg.data, progress)
+        teacher, text = models.teacher, models.text
+        if not isinstance(models, DMDModels):  # ZeRO-3: a whole teacher on this process only
+            teacher = load_teacher(cfg)[0]
+            text = load_text(cfg, teacher)
+        write_pairs(folder, teacher, models.teacher_hash, cfg.data, progress, text)
     models.barrier()
     return PairReader(folder, expect)
 
@@ -119,6 +119,8 @@ def main():
     reader = open_pairs(cfg, models, out, not quiet) if tc.reg_weight > 0 else None
     t_pairs = time.time() - t_start
     regression = make_regression_loss(tc).to(models.device) if reader is not None else None
+    if regression is not None and models.text is not None:  # latent models: LPIPS on decoded images
+        regression = DecodedRegression(regression, models.to_images)
     sampler = BatchSampler(len(reader), tc.reg_batch_size, tc.seed) if reader is not None else None
     trainer = DMDTrainer(models, tc, regression, reader, tc.seed)
     nan_at = os.environ.get("DMD_TEST_NAN_AT_STEP", "")  # test hook: "k" poisons step k's loss, "k-" every step from k
@@ -145,9 +147,9 @@ def main():
     while trainer.step < max_steps:
         ref = None
         if reader is not None:
-            ref = tuple(models.local(a).to(models.device) for a in reader.batch(sampler.next()))
-            if models.num_classes is None:
-                ref = (ref[0], ref[1], None)
+            z_ref, y_ref, c_ref = (models.local(a) for a in reader.batch(sampler.next()))
+            c_ref = models.condition(c_ref).to(models.device) if models.num_classes else None
+            ref = (z_ref.to(models.device), y_ref.to(models.device), c_ref)
         with models.autocast():
             logs = trainer.train_step(ref)
         n_seen += tc.batch_size
@@ -176,8 +178,8 @@ def main():
         if tc.sample_every and trainer.step % tc.sample_every == 0:
             # every process draws (ZeRO-3 gathers parameters collectively)
             with torch.no_grad(), models.autocast(), models.sampling() as gen:
-                x, lab = draw(one_step(gen), 100, models.sample_shape, models.num_classes, seed=1,
-                              device=models.device)
+                x, lab = draw(one_step(gen, models.condition, models.to_images), 100, models.sample_shape,
+                              models.num_classes, seed=1, batch_size=cfg.eval.batch_size, device=models.device)
             if main_rank:
                 grid = out / f"grid_step{trainer.step:06d}.png"
                 save_samples(out / f"samples_step{trainer.step:06d}.npz", x, lab, grid)
@@ -189,8 +191,8 @@ def main():
     train_s = time.time() - t_train
     save()
     with torch.no_grad(), models.autocast(), models.sampling() as gen:
-        x, lab = draw(one_step(gen), cfg.eval.num_samples, models.sample_shape, models.num_classes, seed=12345,
-                      device=models.device)
+        x, lab = draw(one_step(gen, models.condition, models.to_images), cfg.eval.num_samples, models.sample_shape,
+                      models.num_classes, seed=12345, batch_size=cfg.eval.batch_size, device=models.device)
     mem = models.peak_memory_mib()
     if main_rank:
         save_samples(out / "samples.npz", x, lab, out / "grid.png")

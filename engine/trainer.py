@@ -60,7 +60,7 @@ class DMDTrainer:
         z = torch.randn((n, *self.m.sample_shape), generator=self.rng)
         nc = self.m.num_classes
         cond = torch.randint(0, nc, (n,), generator=self.rng) if nc else None
-        z, cond = self.m.local(z), self.m.local(cond)
+        z, cond = self.m.local(z), self.m.condition(self.m.local(cond))  # text models: indices -> embeddings
         dev = self.m.device
         return z.to(dev), (cond.to(dev) if cond is not None else None)
 

@@ -33,6 +33,7 @@ from models import Denoiser, OneStepGenerator, weights_hash
 
 from .builder import TeacherShapes, eval_mode, process_peak_mib, resolve_path
 from .cli import DMDError
+from .text2image import load_text
 
 
 def import_deepspeed():
@@ -120,8 +121,8 @@ class ZeroDMDModels(TeacherShapes):
         dc, tc = cfg.deepspeed, cfg.train
         if dc.zero_stage != 3:
             raise DMDError(f"deepspeed.zero_stage must be 3 (the only stage this engine implements), got {dc.zero_stage}")
-        if cfg.model.kind != "unet":
-            raise DMDError(f"deepspeed.enabled needs model.kind 'unet', got '{cfg.model.kind}'")
+        if cfg.model.kind not in ("unet", "sd15"):
+            raise DMDError(f"deepspeed.enabled needs model.kind 'unet' or 'sd15', got '{cfg.model.kind}'")
         if not cfg.model.teacher:
             raise DMDError("model.teacher is empty: set it to the teacher's diffusers folder")
         if tc.compile:  # dynamo would trace ZeRO-3's gather hooks, and the compile probe's backward would fire
@@ -163,8 +164,11 @@ class ZeroDMDModels(TeacherShapes):
 
         teacher, conf_t = build(teacher_dtype, False)
         generator, conf_g = build(self.dtype, True)
-        generator = OneStepGenerator(generator)
         fake, conf_f = build(self.dtype, True)
+        # text models: the prompt encoder and the decoder are frozen and small, so whole on every process
+        self.text = load_text(cfg, teacher, self.device, teacher_dtype)
+        generator.sample_shape = fake.sample_shape = teacher.sample_shape
+        generator = OneStepGenerator(generator)
         self.engines = {"teacher": ds.initialize(model=teacher, config=conf_t)[0]}
         for name, model, conf, lr in (("generator", generator, conf_g, tc.lr_generator),
                                       ("fake", fake, conf_f, tc.lr_fake)):

@@ -38,6 +38,7 @@ class Denoiser(nn.Module):
         self.num_classes, self.null_class = num_classes, null_class
         self.sample_shape = tuple(sample_shape) if sample_shape else None
         self.cond_kwarg = cond_kwarg
+        self.null_cond = None  # text models: the empty prompt's embedding (1, L, D), the unconditional input
         self.net_call = None  # optional stand-in for self.net's __call__ (e.g. a compiled one); same weights
 
     def _net(self, x, time, cond):
@@ -65,12 +66,18 @@ class Denoiser(nn.Module):
         return out
 
     def guided(self, x_t, t, cond, scale: float = 1.0):
-        """Classifier-free guidance in x0 space: mu_u + scale * (mu_c - mu_u); one batched forward."""
+        """Classifier-free guidance in x0 space: mu_u + scale * (mu_c - mu_u); one batched forward. The
+        unconditional input is the null class for labels, the empty prompt's embedding for text."""
         if scale == 1.0 or cond is None:
             return self(x_t, t, cond)
-        if self.null_class is None:
+        if cond.is_floating_point():  # text embeddings
+            if self.null_cond is None:
+                raise ValueError("guidance scale != 1 on a text model needs null_cond (the empty prompt's embedding)")
+            null = self.null_cond.to(cond).expand_as(cond)
+        elif self.null_class is None:
             raise ValueError("guidance scale != 1 needs a model trained with a null class (dmd_model.json: null_class)")
-        null = torch.full_like(cond, self.null_class)
+        else:
+            null = torch.full_like(cond, self.null_class)
         both = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
         mu_c, mu_u = both.chunk(2)
         return mu_u + scale * (mu_c - mu_u)
@@ -172,6 +179,8 @@ def scheduler_from_schedule(schedule: NoiseSchedule, prediction_type: str):
 
 def weights_hash(folder: str | Path) -> str:
     """sha256 over the folder's weight files (sorted), to tie derived data to exact teacher weights."""
+    if not Path(folder).is_dir():
+        raise ModelFolderError(f"model folder '{folder}' not found")
     h = hashlib.sha256()
     files = sorted(Path(folder).rglob("*.safetensors")) + sorted(Path(folder).rglob("*.bin"))
     if not files:
