@@ -31,6 +31,17 @@ def resolve_path(p: str) -> Path:
     return ROOT / path if (ROOT / path).exists() else path
 
 
+def resolve_device(choice: str) -> torch.device:
+    """train.device: auto = the first CUDA device when there is one, else the CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice not in ("cuda", "cpu") and not choice.startswith("cuda:"):
+        raise DMDError(f"train.device must be auto, cuda, cuda:N or cpu, got '{choice}'")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise DMDError(f"train.device is '{choice}' but torch sees no CUDA device (set it to auto or cpu)")
+    return torch.device(choice)
+
+
 def load_teacher(cfg) -> tuple[Denoiser, str]:
     """Returns (teacher, weights hash)."""
     if cfg.model.kind == "toy2d":

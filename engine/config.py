@@ -72,6 +72,8 @@ class TrainSection:
     sample_every: int = 250           # sample grid PNG every N steps (0 = off)
     save_every: int = 500             # checkpoint every N steps (0 = only at the end)
     threads: int = 0                  # torch CPU threads (0 = torch's default)
+    device: str = "auto"              # one-process engine: "auto" (cuda when available, else cpu), "cuda", "cpu";
+                                      # DeepSpeed runs use each rank's LOCAL_RANK device
     max_consecutive_skips: int = 5    # non-finite steps are skipped (not applied); this many in a row stop the run
     kernels: str = "auto"             # DM loss and noise injection: "auto" (Triton on CUDA, eager on CPU), "eager", "triton"
     compile: bool = False             # torch.compile the generator's forward+backward (engine/compile.py)

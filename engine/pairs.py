@@ -57,6 +57,7 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
     shape = tuple(teacher.sample_shape)
     num = text.num_prompts if text is not None else teacher.num_classes
     man = expected_manifest(teacher_hash, dc, shape, num, text)
+    dev = next(iter([*teacher.parameters(), *teacher.buffers()]), torch.empty(0)).device
     man["shards"] = []
     bar = tqdm(total=dc.num_pairs, desc=f"pairs ({dc.pair_sampler} x{dc.pair_steps})", disable=not progress,
                dynamic_ncols=True)
@@ -66,8 +67,8 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
         ys = []
         for b in range(0, len(idx), dc.pair_batch_size):
             sl = slice(b, b + dc.pair_batch_size)
-            cond = (text.embed(lab[sl]) if text is not None else lab[sl]) if num else None
-            ys.append(sample(teacher, z[sl], cond, dc.pair_sampler, dc.pair_steps, dc.pair_guidance))
+            cond = (text.embed(lab[sl]) if text is not None else lab[sl].to(dev)) if num else None
+            ys.append(sample(teacher, z[sl].to(dev), cond, dc.pair_sampler, dc.pair_steps, dc.pair_guidance).cpu())
             bar.update(len(ys[-1]))
         arrays = {"z": z.numpy().astype(np.float32), "y": torch.cat(ys).numpy().astype(np.float32),
                   "label": lab.numpy().astype(np.int64)}

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine import checkpoint, cli
-from engine.builder import DMDModels, load_teacher
+from engine.builder import DMDModels, load_teacher, resolve_device
 from engine.config import DMDConfig, load, to_dict
 from engine.losses import make_regression_loss
 from engine.plots import plot_log
@@ -39,7 +39,7 @@ def build_models(cfg):
     if n > 1:
         raise cli.DMDError(f"started as {n} processes but deepspeed.enabled is false in the config "
                            f"(set it, e.g. --set deepspeed.enabled=true, or run one process)")
-    return DMDModels(cfg)
+    return DMDModels(cfg, resolve_device(cfg.train.device))
 
 
 def open_pairs(cfg, models, out: Path, progress=True) -> PairReader:
@@ -198,7 +198,7 @@ def main():
         save_samples(out / "samples.npz", x, lab, out / "grid.png")
         summary = {"steps": trainer.step, "pairs_s": round(t_pairs, 1), "train_s": round(train_s, 1),
                    "total_s": round(time.time() - t_start, 1), "processes": models.world_size,
-                   "engine": "deepspeed-zero3" if cfg.deepspeed.enabled else "plain",
+                   "engine": "deepspeed-zero3" if cfg.deepspeed.enabled else "plain", "device": str(models.device),
                    "skipped_steps": trainer.skipped_total, "peak_mem_mib_per_rank": mem,
                    "lpips_backbone": getattr(regression, "backbone", None) if regression is not None else None}
         cli.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import ROOT
@@ -107,3 +108,38 @@ def test_sampling_generator_is_in_eval_mode_then_back_to_training(tiny_teacher_d
         with m.sampling() as gen:
             assert gen is (m.ema if ema else m.generator) and not gen.training
         assert m.generator.training and (m.ema is None or not m.ema.training)
+
+
+def test_device_choice(monkeypatch):
+    """train.device: auto follows torch.cuda.is_available; a CUDA choice without CUDA is one clear error."""
+    from engine.builder import resolve_device
+    from engine.cli import DMDError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(DMDError, match="train.device is 'cuda' but torch sees no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(DMDError, match="train.device must be auto, cuda, cuda:N or cpu, got 'tpu'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_plain_run_reports_its_device(tmp_path, tiny_teacher_dir):
+    out = tmp_path / "run"
+    r = run("engine/train.py", "--config", str(_cfg(tmp_path, tiny_teacher_dir, sample_every=0)), "--out", str(out),
+            "--quiet", "--max-steps", "2", "--set", "train.device=cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["device"] == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_plain_run_uses_the_gpu_by_default(tmp_path, tiny_teacher_dir):
+    """One process on a GPU machine trains there (pairs, steps with the Triton kernels, samples, export)."""
+    out = tmp_path / "run"
+    r = run("engine/train.py", "--config", str(_cfg(tmp_path, tiny_teacher_dir)), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["device"] == "cuda" and s["steps"] == 4
+    with np.load(out / "samples.npz") as f:
+        assert f["images"].shape == (20, 8, 8, 1)
