@@ -41,6 +41,8 @@ class DataSection:
     pair_seed: int = 1_000_000        # pair i uses noise seed pair_seed + i
     shard_size: int = 1000            # pairs per .npy shard
     pair_batch_size: int = 250
+    loader: str = "auto"              # pairs to the step: "numpy", "dali" (NVIDIA DALI, reads and copies ahead),
+                                      # "auto" = dali on CUDA when installed, else numpy (engine/pair_loader.py)
 
 
 @dataclass

@@ -146,15 +146,29 @@ class PairReader:
 
 
 class BatchSampler:
-    """Epoch-wise random permutation with an explicit position, so a resumed run continues the same order."""
+    """Epoch-wise random permutation with an explicit position, so a resumed run continues the same order.
+    Batch k is a pure function of k (`at`), so a prefetching loader can read ahead without moving the position."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise PairsError(f"train.reg_batch_size = {batch_size} is larger than the {n} pairs")
         self.n, self.bs, self.seed = n, batch_size, seed
         self.epoch, self.pos = 0, 0
         self._perm = self._make_perm()
 
-    def _make_perm(self):
-        return np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+    def _make_perm(self, epoch=None):
+        return np.random.default_rng(self.seed + (self.epoch if epoch is None else epoch)).permutation(self.n)
+
+    @property
+    def consumed(self) -> int:
+        """Batches handed out so far (the index of the next one)."""
+        return self.epoch * (self.n // self.bs) + self.pos // self.bs
+
+    def at(self, k: int) -> np.ndarray:
+        """Batch k of the stream `next` walks (each epoch drops its last n % batch_size pairs)."""
+        epoch, j = divmod(k, self.n // self.bs)
+        perm = self._perm if epoch == self.epoch else self._make_perm(epoch)
+        return perm[j * self.bs: (j + 1) * self.bs]
 
     def next(self) -> np.ndarray:
         if self.pos + self.bs > self.n:

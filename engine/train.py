@@ -25,6 +25,7 @@ from engine.builder import DMDModels, load_teacher, resolve_device
 from engine.config import DMDConfig, load, to_dict
 from engine.losses import make_regression_loss
 from engine.plots import plot_log
+from engine.pair_loader import check_loader, make_pair_feed
 from engine.pairs import BatchSampler, PairReader, expected_manifest, write_pairs
 from engine.sampling import draw, one_step, save_samples
 from engine.text2image import DecodedRegression, load_text
@@ -99,6 +100,7 @@ def main():
     args = p.parse_args()
     cfg = load(args.config, DMDConfig, args.set)
     tc = cfg.train
+    check_loader(cfg.data.loader)
     max_steps = args.max_steps if args.max_steps is not None else tc.max_steps
     cli.set_threads(tc.threads)
     out = cli.ensure_dir(args.out)
@@ -133,6 +135,7 @@ def main():
     elif tc.fake_warmup_steps and tc.dm_weight > 0 and tc.fake_score == "learned":
         with tqdm(total=tc.fake_warmup_steps, desc="fake-score warm-up", disable=quiet) as bar, models.autocast():
             trainer.warmup_fake(tc.fake_warmup_steps, bar)
+    feed = make_pair_feed(cfg.data.loader, reader, sampler, models) if reader is not None else None  # after resume
     log = open(out / "log.jsonl", "a") if main_rank else None
     board = Board(out / "tb", main_rank)
     bar = tqdm(total=max_steps, initial=trainer.step, desc=cfg.name, disable=quiet, dynamic_ncols=True)
@@ -146,10 +149,9 @@ def main():
     acc: dict = {}  # running sums since the last log line, so the log shows means, not single noisy steps
     while trainer.step < max_steps:
         ref = None
-        if reader is not None:
-            z_ref, y_ref, c_ref = (models.local(a) for a in reader.batch(sampler.next()))
-            c_ref = models.condition(c_ref).to(models.device) if models.num_classes else None
-            ref = (z_ref.to(models.device), y_ref.to(models.device), c_ref)
+        if feed is not None:
+            z_ref, y_ref, c_ref = feed.next()  # this process's slice, on its device
+            ref = (z_ref, y_ref, models.condition(c_ref) if models.num_classes else None)
         with models.autocast():
             logs = trainer.train_step(ref)
         n_seen += tc.batch_size
@@ -207,6 +209,8 @@ def main():
         print(f"done: {trainer.step} steps in {train_s:.0f} s; generator in {out / 'generator'}, samples in "
               f"{out / 'samples.npz'}")
     board.close()
+    if feed is not None:
+        feed.close()
     if hasattr(models, "close"):
         models.close()
 
