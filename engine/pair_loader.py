@@ -10,11 +10,10 @@ reading ahead never moves the position a checkpoint records (the batches consume
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .cli import DMDError
-from .pairs import PairReader, PARTS
+from .pairs import PARTS, BatchSampler, PairReader
 
 
 class NumpyFeed:
@@ -38,13 +37,11 @@ class _ShardSource:
 
     def __call__(self, info):
         if self.reader is None:
-            from .pairs import BatchSampler
             self.reader, self.sampler = PairReader(self.folder), BatchSampler(*self.sampler_args)
         idx = self.sampler.at(self.first + info.iteration)
         n = len(idx) // self.world
         idx = idx[self.rank * n: (self.rank + 1) * n]  # the slice engine.zero.ZeroDMDModels.local keeps
-        z, y, label = (np.ascontiguousarray(a[idx]) for a in (self.reader.z, self.reader.y, self.reader.label))
-        return z, y, label  # dense (B, ...) arrays: one batch each
+        return tuple(t.numpy() for t in self.reader.batch(idx))  # dense (B, ...) arrays: one batch each
 
 
 class DaliFeed:
