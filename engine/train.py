@@ -101,6 +101,9 @@ def main():
     cfg = load(args.config, DMDConfig, args.set)
     tc = cfg.train
     check_loader(cfg.data.loader)
+    if tc.reg_weight > 0 and tc.reg_batch_size > cfg.data.num_pairs:  # before the pairs are made, not after
+        raise cli.DMDError(f"train.reg_batch_size = {tc.reg_batch_size} is larger than data.num_pairs = "
+                           f"{cfg.data.num_pairs}")
     max_steps = args.max_steps if args.max_steps is not None else tc.max_steps
     cli.set_threads(tc.threads)
     out = cli.ensure_dir(args.out)

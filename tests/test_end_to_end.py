@@ -84,7 +84,8 @@ def test_corrupt_pairs_stop_training_with_the_file_named(tmp_path, tiny_teacher_
 def test_toy_run_writes_samples(tmp_path):
     out = tmp_path / "toy"
     r = run("engine/train.py", "--config", "configs/toy2d.json", "--out", str(out), "--quiet", "--max-steps", "20",
-            "--set", "train.fake_warmup_steps=5", "--set", "data.num_pairs=100", "--set", "eval.num_samples=50")
+            "--set", "train.fake_warmup_steps=5", "--set", "data.num_pairs=100", "--set", "eval.num_samples=50",
+            "--set", "train.reg_batch_size=50")  # the config's 256 needs at least 256 pairs
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(out / "samples.npz") as f:
         assert f["samples"].shape == (50, 2) and np.isfinite(f["samples"]).all()

@@ -93,3 +93,12 @@ def test_bad_loader_is_one_line(tmp_path, tiny_teacher_dir):
             "--set", "data.loader=tfdata")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "data.loader must be auto, numpy or dali, got 'tfdata'" in r.stderr
+
+
+def test_regression_batch_larger_than_the_pairs_is_one_line_before_any_work(tmp_path):
+    """It used to train silently on all pairs, a smaller batch than asked for."""
+    r = run("engine/train.py", "--config", "configs/toy2d.json", "--out", str(tmp_path / "r"),
+            "--set", "data.num_pairs=100")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "train.reg_batch_size = 256 is larger than data.num_pairs = 100" in r.stderr
+    assert not (tmp_path / "r" / "pairs").exists()
