@@ -89,6 +89,14 @@ class TeacherShapes:
         return self.text.decode(x) if self.text is not None else x
 
 
+def rank_slice(x, rank: int, world: int):
+    """Process `rank`'s contiguous share of a global batch (dim 0): how every ZeRO-3 rank keeps its samples."""
+    if x is None or world == 1:
+        return x
+    n = x.shape[0] // world
+    return x[rank * n: (rank + 1) * n]
+
+
 def process_peak_mib(device: torch.device) -> float:
     """This process's peak memory: torch.cuda.max_memory_allocated on GPU, max RSS on CPU."""
     if device.type == "cuda":

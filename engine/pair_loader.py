@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .builder import rank_slice
 from .cli import DMDError
 from .pairs import PARTS, BatchSampler, PairReader
 
@@ -38,9 +39,7 @@ class _ShardSource:
     def __call__(self, info):
         if self.reader is None:
             self.reader, self.sampler = PairReader(self.folder), BatchSampler(*self.sampler_args)
-        idx = self.sampler.at(self.first + info.iteration)
-        n = len(idx) // self.world
-        idx = idx[self.rank * n: (self.rank + 1) * n]  # the slice engine.zero.ZeroDMDModels.local keeps
+        idx = rank_slice(self.sampler.at(self.first + info.iteration), self.rank, self.world)
         return tuple(t.numpy() for t in self.reader.batch(idx))  # dense (B, ...) arrays: one batch each
 
 

@@ -10,6 +10,7 @@ shards can be made in parallel anywhere. The manifest is written last: a folder 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -57,7 +58,7 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
     shape = tuple(teacher.sample_shape)
     num = text.num_prompts if text is not None else teacher.num_classes
     man = expected_manifest(teacher_hash, dc, shape, num, text)
-    dev = next(iter([*teacher.parameters(), *teacher.buffers()]), torch.empty(0)).device
+    dev = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
     man["shards"] = []
     bar = tqdm(total=dc.num_pairs, desc=f"pairs ({dc.pair_sampler} x{dc.pair_steps})", disable=not progress,
                dynamic_ncols=True)

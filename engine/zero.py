@@ -31,7 +31,7 @@ import torch
 
 from models import Denoiser, OneStepGenerator, weights_hash
 
-from .builder import TeacherShapes, eval_mode, process_peak_mib, resolve_path
+from .builder import TeacherShapes, eval_mode, process_peak_mib, rank_slice, resolve_path
 from .cli import DMDError
 from .text2image import load_text
 
@@ -261,10 +261,7 @@ class ZeroDMDModels(TeacherShapes):
             e.copy_(v)
 
     def local(self, x):
-        if x is None or self.world_size == 1:
-            return x
-        n = x.shape[0] // self.world_size
-        return x[self.rank * n: (self.rank + 1) * n]
+        return rank_slice(x, self.rank, self.world_size)
 
     def autocast(self):
         """bf16 autocast (GPU or CPU) when any model is bf16 (its parameters then meet fp32 inputs); else a no-op."""
