@@ -10,7 +10,11 @@ from conftest import tiny_denoiser
 from test_config_cli import run
 from test_end_to_end import _cfg
 
-pytest.importorskip("nvidia.dali")
+
+@pytest.fixture(scope="module")
+def needs_dali():
+    """Only the DALI tests need NVIDIA DALI; the sampler and one-line-error tests run without it."""
+    return pytest.importorskip("nvidia.dali")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ class _Rank:
 
 
 @pytest.mark.parametrize("rank, world", [(0, 1), (0, 2), (1, 2)])
-def test_dali_feed_equals_numpy_feed_and_resumes(pairs, rank, world):
+def test_dali_feed_equals_numpy_feed_and_resumes(needs_dali, pairs, rank, world):
     from engine.pair_loader import DaliFeed, NumpyFeed
     from engine.pairs import BatchSampler
     m = _Rank(rank, world)
@@ -68,7 +72,7 @@ def test_dali_feed_equals_numpy_feed_and_resumes(pairs, rank, world):
     resumed.close()
 
 
-def test_training_with_dali_matches_numpy_and_resumes(tmp_path, tiny_teacher_dir):
+def test_training_with_dali_matches_numpy_and_resumes(needs_dali, tmp_path, tiny_teacher_dir):
     cfg = _cfg(tmp_path, tiny_teacher_dir, sample_every=0, save_every=2)
     keys = ("loss_dm", "loss_reg", "loss_fake", "loss_g")
     logs = {}

@@ -16,9 +16,15 @@ import torch
 from conftest import ROOT
 from test_config_cli import run
 
-pytest.importorskip("deepspeed")
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def needs_deepspeed():
+    """Only the tests that launch DeepSpeed or read its checkpoints need it; the config checks, one-line errors and
+    the one-process run below do not, and run without it."""
+    return pytest.importorskip("deepspeed")
 
 
 def _cfg(tmp_path, teacher_dir, pairs_dir, zero=True, **train):
@@ -101,7 +107,7 @@ def pairs_dir(tiny_teacher_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_teacher_dir, pairs_dir, tmp_path_factory):
+def reference_run(needs_deepspeed, tiny_teacher_dir, pairs_dir, tmp_path_factory):
     """An uninterrupted 2-process ZeRO-3 run of STEPS steps (checkpoints at 2 and 4 and at the end)."""
     tmp = tmp_path_factory.mktemp("z3ref")
     cfg = _cfg(tmp, tiny_teacher_dir, pairs_dir)
@@ -162,7 +168,7 @@ def test_sigkill_mid_training_and_during_save_then_resume(reference_run, tiny_te
     assert _log(out)[-1]["loss_g"] == pytest.approx(_log(reference_run)[-1]["loss_g"], rel=1e-6)
 
 
-def test_generator_ema_matches_one_process_and_survives_resume(tiny_teacher_dir, pairs_dir, tmp_path):
+def test_generator_ema_matches_one_process_and_survives_resume(needs_deepspeed, tiny_teacher_dir, pairs_dir, tmp_path):
     """Generator EMA under ZeRO-3 (fp32 shadows of each rank's partitions): the exported generator is the EMA,
     equal to the single-process EMA, and a run killed and resumed ends with the same EMA."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -192,7 +198,7 @@ def test_generator_ema_matches_one_process_and_survives_resume(tiny_teacher_dir,
     assert _max_diff(_generator_weights(res), ema) < 1e-6  # the EMA came back from the checkpoint
 
 
-def test_planted_nonfinite_step_is_skipped_by_both_models(tiny_teacher_dir, pairs_dir, tmp_path):
+def test_planted_nonfinite_step_is_skipped_by_both_models(needs_deepspeed, tiny_teacher_dir, pairs_dir, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     cfg = _cfg(tmp_path, tiny_teacher_dir, pairs_dir, save_every=1, max_consecutive_skips=2)
     cfg_d = json.loads(cfg.read_text())
@@ -244,7 +250,7 @@ def test_exported_generator_samples_the_same_with_stock_diffusers(reference_run)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
-def test_bf16_with_fp32_master_weights_runs_on_cpu(tiny_teacher_dir, pairs_dir, tmp_path):
+def test_bf16_with_fp32_master_weights_runs_on_cpu(needs_deepspeed, tiny_teacher_dir, pairs_dir, tmp_path):
     """precision bf16 (bf16 compute, fp32 master weights) with a bf16 teacher: the GPU default ("auto"),
     forced here onto DeepSpeed's CPU accelerator with gloo."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -317,7 +323,7 @@ def test_bad_deepspeed_key_is_one_line(tmp_path):
     assert "train.compile is not supported with deepspeed.enabled" in r.stderr
 
 
-def test_sd15_config_names_what_is_missing(tmp_path):
+def test_sd15_config_names_what_is_missing(needs_deepspeed, tmp_path):
     """The shipped SD1.5 config needs the user's SD1.5 folder and caption file; each absence is one line."""
     r = run("engine/train.py", "--config", "configs/sd15_zero3.json", "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
