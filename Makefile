@@ -5,7 +5,7 @@ PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-# torch 2.14.1 / torchvision 0.29.1 are the newest this workplace's pip serves; lpips needs torchvision.
+# torch 2.14.1 / torchvision 0.29.1: the newest versions tested with this project; lpips needs torchvision.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test setup clean gpu-wheels

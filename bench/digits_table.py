@@ -35,7 +35,7 @@ def sh(*args) -> float:
 
 def evaluate(npz: Path) -> dict:
     js = npz.with_suffix(".metrics.json")
-    sh("engine/evaluate.py", npz, "--json", js)
+    sh("examples/digits/evaluate.py", npz, "--json", js)
     return json.loads(js.read_text())
 
 
@@ -61,7 +61,7 @@ def main():
 
     # the floor: held-out real digits against the training digits
     js = out / "real_heldout.metrics.json"
-    sh("engine/evaluate.py", "--real", "heldout", "--json", js)
+    sh("examples/digits/evaluate.py", "--real", "heldout", "--json", js)
     rows.append({"row": "real held-out digits (floor)", "nfe": "-", **json.loads(js.read_text())})
 
     # DMD runs first: the first one makes the shared pairs (its time includes them)

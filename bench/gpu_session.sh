@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks in one device call per phase, for a session that is lent a GPU machine (30 min of device time;
-# each call at most 10 min). That machine has torch and triton but not this project's other packages, and no
-# network: `make gpu-wheels` here first (fills .whl/, git-ignored), then carry it:
+# The GPU checks, for a bare GPU machine without network: it has torch and triton but not this project's other
+# packages. `make gpu-wheels` on a machine with network fills .whl/ (git-ignored); copy it along, then run one
+# phase per command (each fits in 10 minutes):
 #
-#   run(command="bash bench/gpu_session.sh tests",   carry=[".whl"])   # pytest -m gpu (kernels, trainer, compile)
-#   run(command="bash bench/gpu_session.sh kernels", carry=[".whl"])   # bench/throughput.py kernel rows
-#   run(command="bash bench/gpu_session.sh steps",   carry=[".whl"])   # bench/throughput.py training-step rows
+#   bash bench/gpu_session.sh tests     # pytest -m gpu (kernels, trainer, compile)
+#   bash bench/gpu_session.sh kernels   # bench/throughput.py kernel rows
+#   bash bench/gpu_session.sh steps     # bench/throughput.py training-step rows
 #
-# The throughput JSON is rewritten after every row, so a call cut off at its limit still returns what it measured.
-#
-# Results land in $OUT (the device tool's folder; runs/gpu when run by hand). Copy the figures into
-# bench/RESULTS.md with the device name this script prints first.
+# The throughput JSON is rewritten after every row, so a command cut off at a time limit keeps what it measured.
+# Results land in $OUT (runs/gpu when unset). Copy the figures into bench/RESULTS.md with the device name this
+# script prints first.
 set -uo pipefail
 phase=${1:?usage: bench/gpu_session.sh tests|kernels|steps}
 case "$phase" in tests|kernels|steps) ;; *) echo "gpu_session: unknown phase '$phase' (tests, kernels or steps)" >&2; exit 2 ;; esac

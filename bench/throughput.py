@@ -153,8 +153,12 @@ def kernel_cases(shape, dtype):
             f(xg, pr, pf).backward()
         return run
 
-    ref_noise = lambda x, eps: noise.add_noise_reference(x, t, sch_a, sch_s, eps)
-    ref_philox = lambda x: noise.add_noise_reference(x, t, sch_a, sch_s, torch.randn_like(x, dtype=torch.float32))
+    def eager_noise(x, eps):  # what NoiseSchedule.add_noise does: coefficients gathered per sample, broadcast
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return sch_a[t].to(x.dtype).view(shape) * x + sch_s[t].to(x.dtype).view(shape) * eps
+
+    ref_noise = eager_noise
+    ref_philox = lambda x: eager_noise(x, torch.randn_like(x))
     c_loss, c_noise, c_philox = compiled(distribution_matching_loss), compiled(ref_noise), compiled(ref_philox)
     with torch.no_grad():
         fwd = lambda f: (lambda: f(x, pr, pf))
@@ -210,14 +214,14 @@ def fmt_kernel(r):
 
 # --- full training step ----------------------------------------------------------------------------------
 def digits_models(kernels: str, compile_: str | None):
-    from engine.builder import DMDModels
+    from engine.plain import PlainBackend
     from engine.config import DMDConfig, load
     from engine.trainer import DMDTrainer
     cfg = load(ROOT / "configs/digits.json", DMDConfig,
                ["train.reg_weight=0", f"train.kernels=\"{kernels}\"", f"train.compile={json.dumps(bool(compile_))}",
                 f"train.compile_scope=\"{compile_ or 'generator'}\""])
     torch.manual_seed(0)
-    models = DMDModels(cfg, DEV)
+    models = PlainBackend(cfg, DEV)
     return DMDTrainer(models, cfg.train, seed=0), cfg.train.batch_size
 
 
@@ -234,15 +238,15 @@ class _FixedPrompt(torch.nn.Module):
 
 
 def _sd_models(tc):
-    """engine.builder.DMDModels around a random-weight SD1.5 UNet teacher (generator and fake score: fp32 copies)."""
-    from engine.builder import DMDModels
+    """engine.plain.PlainBackend around a random-weight SD1.5 UNet teacher (generator and fake score: fp32 copies)."""
+    from engine.plain import PlainBackend
     from engine.config import DMDConfig
     from models import Denoiser
     from models.sd15 import sd15_schedule, sd15_unet
     torch.manual_seed(0)
     net, attn = sd15_unet()
     teacher = Denoiser(_FixedPrompt(net), sd15_schedule(), "epsilon", None, None, (4, 64, 64))
-    m = DMDModels(DMDConfig(train=tc), DEV, teacher=(teacher, "random weights"))
+    m = PlainBackend(DMDConfig(train=tc), DEV, teacher=(teacher, "random weights"))
     m.teacher.to(torch.bfloat16)  # after the copies were made: the frozen teacher alone is kept in bf16
     m.attn = attn
     return m

@@ -11,13 +11,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    pass
+from .errors import ConfigError  # noqa: F401 - callers catch it from here too
 
 
 # ---------------------------------------------------------------------------------------------------
-# DMD distillation (engine/train.py, make_pairs.py, infer.py)
+# DMD distillation (engine/train.py, make_pairs.py, infer.py). Other schemas (e.g. examples/digits/train_teacher.py)
+# reuse the sections and `load`.
 @dataclass
 class ModelSection:
     kind: str = "unet"                # "unet": class-conditional teacher from a diffusers folder; "sd15": latent
@@ -115,35 +114,6 @@ class DMDConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Teacher training (engine/train_teacher.py)
-@dataclass
-class TeacherTrainSection:
-    steps: int = 8000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1        # share of labels replaced by the null class (enables guidance)
-    p_mean: float = -1.2              # EDM log-normal sigma sampling (Karras et al. 2022, Table 1)
-    p_std: float = 1.2
-    hflip: bool = False
-    seed: int = 0
-    eval_every: int = 2000
-    eval_samples: int = 360
-    threads: int = 0
-
-
-@dataclass
-class TeacherConfig:
-    name: str = "teacher"
-    data: DataSection = field(default_factory=DataSection)
-    unet: dict = field(default_factory=dict)       # UNet2DModel keyword arguments
-    scheduler: dict = field(default_factory=dict)  # diffusers scheduler config (_class_name + its keys)
-    train: TeacherTrainSection = field(default_factory=TeacherTrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 from engine import cli
-from engine.builder import load_generator, load_teacher
 from engine.config import DMDConfig, load
+from engine.errors import DMDError
+from engine.kinds import load_generator, load_teacher
 from engine.sampling import draw, one_step, save_samples, teacher_sampler
-from engine.text2image import load_text
+from engine.text2image import condition_count, load_text
 from models.samplers import nfe
 
 
@@ -40,25 +41,24 @@ def main():
     args = p.parse_args()
     run = Path(args.checkpoint)
     if not (run / "config.json").is_file():
-        raise cli.DMDError(f"'{run}' is not a run folder (no config.json)")
+        raise DMDError(f"'{run}' is not a run folder (no config.json)")
     if args.num < 1:
-        raise cli.DMDError(f"--num must be >= 1, got {args.num}")
+        raise DMDError(f"--num must be >= 1, got {args.num}")
     overrides = [f"data.prompts={args.prompts}"] if args.prompts else []
     cfg = load(run / "config.json", DMDConfig, overrides)
     teacher, _ = load_teacher(cfg)
-    teacher.eval()
     text = load_text(cfg, teacher)
     if text is None and (args.prompt or args.prompts):
-        raise cli.DMDError(f"--prompt/--prompts need a text model; '{run}' has model.kind '{cfg.model.kind}'")
+        raise DMDError(f"--prompt/--prompts need a text model; '{run}' has model.kind '{cfg.model.kind}'")
     if text is not None and args.prompt:
         text.prompts = list(args.prompt)
-    num_classes = text.num_prompts if text is not None else teacher.num_classes
+    num_classes = condition_count(teacher, text)
     condition, to_images = (text.embed, text.decode) if text is not None else (None, None)
     if args.teacher:
         fn, what = one_step(teacher_sampler(teacher, args.sampler, args.steps, args.guidance), condition, to_images), \
             f"teacher {args.sampler} x{args.steps} ({nfe(args.sampler, args.steps)} NFE)"
     else:
-        fn, what = one_step(load_generator(run, cfg.model.kind).eval(), condition, to_images), "generator (1 NFE)"
+        fn, what = one_step(load_generator(run / "generator", cfg.model.kind).eval(), condition, to_images), "generator (1 NFE)"
     t0 = time.time()
     x, labels = draw(fn, args.num, teacher.sample_shape, num_classes, args.seed, args.batch_size, what)
     dt = time.time() - t0

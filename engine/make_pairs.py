@@ -11,24 +11,24 @@ import time
 from pathlib import Path
 
 from engine import cli
-from engine.builder import load_teacher
 from engine.config import DMDConfig, load
+from engine.files import ensure_dir
+from engine.kinds import load_teacher
 from engine.pairs import PairReader, expected_manifest, write_pairs
-from engine.text2image import load_text
+from engine.text2image import condition_count, load_text
 
 
 def main():
     args = cli.parser(__doc__).parse_args()
     cfg = load(args.config, DMDConfig, args.set)
-    out = cli.ensure_dir(args.out)
+    out = ensure_dir(args.out)
     folder = Path(cfg.data.pairs_dir) if cfg.data.pairs_dir else out / "pairs"
     teacher, h = load_teacher(cfg)
-    teacher.eval()
     text = load_text(cfg, teacher)
     t0 = time.time()
     write_pairs(folder, teacher, h, cfg.data, text=text)
-    num = text.num_prompts if text is not None else teacher.num_classes
-    reader = PairReader(folder, expected_manifest(h, cfg.data, teacher.sample_shape, num, text))
+    expect = expected_manifest(h, cfg.data, teacher.sample_shape, condition_count(teacher, text), text)
+    reader = PairReader(folder, expect)
     print(f"{len(reader)} pairs in {folder} ({time.time() - t0:.1f} s)")
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .builder import rank_slice
-from .cli import DMDError
+from .backend import rank_slice
+from .errors import DMDError
 from .pairs import PARTS, BatchSampler, PairReader
 
 

@@ -21,14 +21,11 @@ from tqdm.auto import tqdm
 
 from models.samplers import nfe, sample
 
-from .cli import DMDError
+from .errors import PairsError
+from .text2image import condition_count
 
 FORMAT = "dmd-pairs/1"
 PARTS = ("z", "y", "label")
-
-
-class PairsError(DMDError):
-    pass
 
 
 def noise_for(indices, shape, seed: int) -> torch.Tensor:
@@ -56,7 +53,7 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").unlink(missing_ok=True)
     shape = tuple(teacher.sample_shape)
-    num = text.num_prompts if text is not None else teacher.num_classes
+    num = condition_count(teacher, text)
     man = expected_manifest(teacher_hash, dc, shape, num, text)
     dev = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
     man["shards"] = []

@@ -18,8 +18,9 @@ from torch import nn
 
 from models.text import LatentDecoder, PromptEncoder
 
-from .builder import resolve_path
-from .cli import DMDError
+from .errors import DMDError
+from .files import resolve_path
+from .kinds import model_kind
 
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae")  # copied from the teacher into the exported generator
 
@@ -107,7 +108,7 @@ def _link_or_copy(src, dst):
 def load_text(cfg, teacher, device="cpu", dtype=torch.float32) -> TextToImage | None:
     """For text-to-image kinds: the run's TextToImage, with the teacher given its null condition and its
     latent sample shape at data.resolution. None for class-conditional kinds."""
-    if cfg.model.kind != "sd15":
+    if not model_kind(cfg.model.kind).text:
         return None
     text = TextToImage(cfg, resolve_path(cfg.model.teacher), device, dtype)
     teacher.null_cond = text.null
@@ -127,3 +128,8 @@ class DecodedRegression(nn.Module):
         with torch.no_grad():
             y_img = self.decode(y)
         return self.loss(self.decode(x), y_img)
+
+
+def condition_count(teacher, text) -> int | None:
+    """How many conditions are drawn: prompts for text models, else the teacher's classes (None: unconditional)."""
+    return text.num_prompts if text is not None else teacher.num_classes

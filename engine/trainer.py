@@ -1,6 +1,6 @@
-"""Per-step DMD maths (paper Algorithm 1). The models come from engine.builder.DMDModels (one process) or
-engine.zero.ZeroDMDModels (DeepSpeed ZeRO-3); the update mechanics (backward, step, discard, cross-process
-means, the per-process batch slice) are methods of those, so this file holds only the maths.
+"""Per-step DMD maths (paper Algorithm 1). The models come from a backend (engine/backend.py: plain PyTorch or
+DeepSpeed ZeRO-3); the update mechanics (backward, step, discard, cross-process means, the per-process batch
+slice) are its methods, so this file holds only the maths.
 
 One iteration: generator update with L = dm_weight * L_DM + reg_weight * L_reg, then
 `fake_updates_per_generator` fake-score updates (the first on the generator update's own samples).
@@ -11,8 +11,9 @@ import math
 
 import torch
 
-from .cli import DMDError
-from .losses import denoising_loss, distribution_matching_loss
+from . import hotpath
+from .errors import DMDError
+from .losses import denoising_loss
 
 
 class DMDTrainer:
@@ -21,8 +22,8 @@ class DMDTrainer:
         self.rng = torch.Generator().manual_seed(seed)  # CPU stream for z, labels, t and eps: reproducible
         self.step = 0
         self.skips_in_row = self.skipped_total = 0
-        self.nan_steps = ()  # test hook (engine/train.py reads DMD_TEST_NAN_AT_STEP): steps whose loss is poisoned
-        self.kernels = self._kernels(getattr(tc, "kernels", "eager"))
+        self.nan_steps = ()  # steps whose loss is poisoned: fault injection for tests (engine/faults.py)
+        self.ops = hotpath.select(getattr(tc, "kernels", "eager"), models.device)
         self.gen = models.generator
         self.compiled_nets = []
         if getattr(tc, "compile", False):
@@ -31,27 +32,9 @@ class DMDTrainer:
             if scope not in ("generator", "all"):
                 raise DMDError(f"train.compile_scope must be generator or all, got '{scope}'")
             self.gen = CompiledModule(models.generator, mode, models.device)
-            if scope == "all" and hasattr(models.teacher, "net"):  # the toy's analytic teacher has no network
+            if scope == "all" and models.kind.folder:  # the toy's teacher is analytic: no network to compile
                 self.compiled_nets = [compile_denoiser_net(models.teacher, "teacher", mode, models.device),
                                       compile_denoiser_net(models.fake, "fake score", mode, models.device)]
-
-    def _kernels(self, choice: str):
-        """kernels.dmd and kernels.noise when selected and runnable here, else None (engine.losses, eager)."""
-        if choice not in ("auto", "eager", "triton"):
-            raise DMDError(f"train.kernels must be auto, eager or triton, got '{choice}'")
-        if choice == "eager" or (choice == "auto" and self.m.device.type != "cuda"):
-            return None
-        try:
-            from kernels import dmd, noise, runs_triton
-        except ImportError as e:
-            if choice == "auto":
-                return None
-            raise DMDError(f"train.kernels='triton' needs the triton package ({e})") from None
-        probe = torch.empty(0, device=self.m.device)
-        if not runs_triton(dmd._dmd_stats_kernel, probe):
-            raise DMDError("train.kernels='triton' needs a CUDA device, or TRITON_INTERPRET=1 in the environment "
-                           "for Triton's (slow) CPU interpreter")
-        return dmd, noise
 
     # --- random inputs ----------------------------------------------------------------------------
     # Every process draws the whole global batch from the shared stream and keeps its own slice
@@ -82,18 +65,13 @@ class DMDTrainer:
         logs = {}
         if tc.dm_weight > 0:
             t, eps = self._t_eps(x)
-            if self.kernels:
-                # eps still comes from the CPU stream, so a run is the same draw for draw as an eager one
-                x_t = self.kernels[1].add_noise(x.detach(), t, *m.teacher.schedule.tables(x.device)[:2], eps=eps)
-            else:
-                x_t = m.teacher.schedule.add_noise(x.detach(), eps, t)
+            x_t = self.ops.add_noise(x.detach(), t, m.teacher.schedule, eps)
             with torch.no_grad():
                 pred_real = m.teacher.guided(x_t, t, cond, tc.real_guidance)
                 # "none" = the real score alone (Fig. 3): the fake score is replaced by the sample itself,
                 # the zero-mean part of a delta's score, so only mode seeking towards mu_real remains.
                 pred_fake = m.fake(x_t, t, cond) if tc.fake_score == "learned" else x.detach()
-            dm_loss = self.kernels[0].dmd_loss if self.kernels else distribution_matching_loss
-            l_dm = dm_loss(x, pred_real, pred_fake)
+            l_dm = self.ops.dm_loss(x, pred_real, pred_fake)
             loss = loss + tc.dm_weight * l_dm
             logs["loss_dm"] = l_dm.item()
         if tc.reg_weight > 0 and ref is not None:
@@ -134,7 +112,8 @@ class DMDTrainer:
         Non-finite guard: the generator update and the first fake update are applied together or not at all
         (logs["skipped"] = 1). Deferring the generator's update past the first fake update changes nothing:
         that fake update trains on the generator's samples drawn before its update, as in Algorithm 1.
-        Further two-time-scale fake updates (on fresh samples of the updated generator) are guarded one by one.
+        Further two-time-scale fake updates (on fresh samples of the updated generator) are guarded one by one;
+        a dropped one is counted in logs["skipped_fake"], and the ones after it are not tried.
         """
         tc = self.tc
         logs, pending = {}, []
@@ -147,14 +126,18 @@ class DMDTrainer:
             logs.update(self.fake_step(x, cond))
             pending.append("fake")
         logs, ok = self._apply_if_finite(logs, pending)
+        extra_ok = True
         if learned and ok:
             for _ in range(1, tc.fake_updates_per_generator):
-                more, ok = self._apply_if_finite(self.fake_step(), ["fake"])
-                if not ok:
+                more, extra_ok = self._apply_if_finite(self.fake_step(), ["fake"])
+                if not extra_ok:
                     break
                 logs.update(more)
         logs["skipped"] = 0.0 if ok else 1.0
-        self.skips_in_row = 0 if ok else self.skips_in_row + 1
+        if tc.fake_updates_per_generator > 1 and learned:
+            logs["skipped_fake"] = 0.0 if extra_ok else 1.0
+        healthy = ok and extra_ok
+        self.skips_in_row = 0 if healthy else self.skips_in_row + 1
         self.skipped_total += 0 if ok else 1
         self.step += 1
         return logs
@@ -164,3 +147,14 @@ class DMDTrainer:
             self._apply_if_finite(self.fake_step(), ["fake"])
             if progress is not None:
                 progress.update(1)
+
+    # --- checkpointed state: the shared noise stream, this process's torch RNG (dropout), step, skip counts ----
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step,
+                "skipped_total": self.skipped_total, "skips_in_row": self.skips_in_row}
+
+    def load_state_dict(self, s: dict):
+        self.rng.set_state(s["rng"])
+        torch.set_rng_state(s["torch_rng"])
+        self.step = s["step"]
+        self.skipped_total, self.skips_in_row = s.get("skipped_total", 0), s.get("skips_in_row", 0)

@@ -1,12 +1,12 @@
-"""Triton kernels for the DMD hot path (issue 4). Imports only torch and triton.
+"""Triton kernels for the DMD hot path. Imports only torch and triton.
 
     kernels.noise   x_t = alpha[t_b] * x + sigma[t_b] * eps, schedule lookup and (optionally) Philox noise in-kernel
     kernels.dmd     the DMD gradient and loss (engine.losses.distribution_matching_loss) in one read of x and the
                     predictions per sample
 
-Dispatch: CUDA tensors run the Triton kernels. CPU tensors run them only when TRITON_INTERPRET=1 was set before
-these modules were imported (Triton's interpreter; slow, meant for tests); otherwise CPU tensors take the plain-torch
-reference, so the engine works on machines without Triton's compiler.
+Where they run: on CUDA tensors, and on CPU tensors only when TRITON_INTERPRET=1 was set before these modules were
+imported (Triton's interpreter; slow, meant for tests); elsewhere they refuse. The engine chooses between them and
+its eager reference (engine.losses, NoiseSchedule.add_noise) once, in engine/hotpath.py.
 """
 from __future__ import annotations
 

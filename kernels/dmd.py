@@ -1,6 +1,7 @@
 """The DMD gradient and loss (DMD Eq. 7-8) with one read of x, pred_real and pred_fake.
 
-Same meaning, value and gradient as engine.losses.distribution_matching_loss:
+Same meaning, value and gradient as engine.losses.distribution_matching_loss (the reference the tests compare
+against; with guidance, applied to the guided prediction):
     norm_b = mean_{c,h,w} |x - pred_real|                         (per sample)
     grad   = (pred_fake - pred_real) / norm_b, a sample zeroed when norm_b is 0 or non-finite or grad has a
              non-finite entry
@@ -192,7 +193,8 @@ def dmd_loss(x: torch.Tensor, pred_real: torch.Tensor, pred_fake: torch.Tensor,
 
     With pred_uncond given, pred_real is the conditional teacher prediction and the real score is
     pred_uncond + guidance_scale * (pred_real - pred_uncond). Gradients flow to x only (the predictions are
-    constants, as in the reference). Kernels run where kernels.runs_triton allows, else the reference.
+    constants, as in the reference). Runs where kernels.runs_triton allows (CUDA, or CPU under the interpreter);
+    choosing between this and the eager reference is the caller's decision (engine/hotpath.py).
     """
     preds = [pred_real, pred_fake] + ([] if pred_uncond is None else [pred_uncond])
     for p in preds:
@@ -203,30 +205,8 @@ def dmd_loss(x: torch.Tensor, pred_real: torch.Tensor, pred_fake: torch.Tensor,
     if x.shape[0] > 65535:  # CUDA's limit on the grid axis that carries the sample index
         raise ValueError(f"dmd_loss: batch {x.shape[0]} > 65535; split the batch")
     if not runs_triton(_dmd_stats_kernel, x, *preds):
-        return dmd_loss_reference(x, pred_real, pred_fake, pred_uncond, guidance_scale)
+        raise RuntimeError("dmd_loss: the Triton kernels run on CUDA tensors, or on CPU tensors only with "
+                           "TRITON_INTERPRET=1 set before kernels.dmd is imported")
     pr, pf = (p.detach().contiguous() for p in (pred_real, pred_fake))
     pu = None if pred_uncond is None else pred_uncond.detach().contiguous()
     return _DMDLoss.apply(x.contiguous(), pr, pf, pu, float(guidance_scale))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# reference
-def dmd_grad_reference(x, pred_real, pred_fake, pred_uncond=None, guidance_scale: float = 1.0):
-    """The per-sample gradient (pred_fake - pred_real) / norm, rejected samples zeroed, in the compute dtype."""
-    ct = _compute_dtype(x.dtype)
-    x, pr, pf = (a.detach().to(ct) for a in (x, pred_real, pred_fake))
-    if pred_uncond is not None:
-        pu = pred_uncond.detach().to(ct)
-        pr = pu + guidance_scale * (pr - pu)
-    dims = tuple(range(1, x.ndim))
-    norm = (x - pr).abs().mean(dim=dims, keepdim=True)
-    grad = (pf - pr) / norm
-    ok = torch.isfinite(grad).all(dim=dims, keepdim=True) & torch.isfinite(norm) & (norm > 0)
-    return torch.where(ok, grad, torch.zeros_like(grad))
-
-
-def dmd_loss_reference(x, pred_real, pred_fake, pred_uncond=None, guidance_scale: float = 1.0):
-    """Plain torch: 0.5 * mse(x, stopgrad(x - grad)), whose gradient w.r.t. x is grad / x.numel()."""
-    grad = dmd_grad_reference(x, pred_real, pred_fake, pred_uncond, guidance_scale)
-    xf = x.to(grad.dtype)
-    return 0.5 * torch.nn.functional.mse_loss(xf, (xf - grad).detach(), reduction="mean")

@@ -129,26 +129,13 @@ def add_noise(x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, sigma: torc
     """x_t = alpha[t_b] * x + sigma[t_b] * eps for x (B, ...), t (B,) integer, alpha/sigma (T,) tables.
 
     Give either eps (same shape as x) or seed (eps drawn in-kernel at Philox counters offset .. offset+numel-1).
-    Without a kernel-capable device (see kernels/__init__.py) eps must be given and the torch reference runs.
+    Runs where kernels.runs_triton allows; the eager path is models.schedules.NoiseSchedule.add_noise.
     """
     if (eps is None) == (seed is None):
         raise ValueError("add_noise: give exactly one of eps and seed")
     if eps is not None and eps.shape != x.shape:
         raise ValueError(f"eps shape {tuple(eps.shape)} != x shape {tuple(x.shape)}")
     if not runs_triton(_noise_kernel, x):
-        if eps is None:
-            raise RuntimeError("add_noise(seed=...) needs a CUDA device or TRITON_INTERPRET=1")
-        return add_noise_reference(x, t, alpha, sigma, eps)
+        raise RuntimeError("add_noise: the Triton kernel runs on CUDA tensors, or on CPU tensors only with "
+                           "TRITON_INTERPRET=1 set before kernels.noise is imported")
     return _AddNoise.apply(x, eps, t, alpha, sigma, seed, offset)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# reference
-def add_noise_reference(x, t, alpha, sigma, eps):
-    """Plain torch, the kernel's numerics: fp32 (fp64 for fp64 x) maths, one rounding to x's dtype."""
-    ct = torch.promote_types(x.dtype, torch.float32)
-    idx = t.to(device=alpha.device, dtype=torch.long)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    a = alpha.float()[idx].to(device=x.device, dtype=ct).view(shape)
-    s = sigma.float()[idx].to(device=x.device, dtype=ct).view(shape)
-    return (a * x.to(ct) + s * eps.to(ct)).to(x.dtype)

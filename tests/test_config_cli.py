@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from engine.config import ConfigError, DMDConfig, TeacherConfig, load, parse
+from engine.config import ConfigError, DMDConfig, load, parse
+from examples.digits.train_teacher import TeacherConfig
 from conftest import ROOT
 
 

@@ -51,7 +51,7 @@ def test_train_writes_checkpoint_generator_and_samples(tmp_path, tiny_teacher_di
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(tmp_path / "t.npz") as f:
         assert f["images"].shape == (12, 8, 8, 1)
-    r = run("engine/evaluate.py", str(tmp_path / "s.npz"), "--subsets", "2", "--json", str(tmp_path / "m.json"))
+    r = run("examples/digits/evaluate.py", str(tmp_path / "s.npz"), "--subsets", "2", "--json", str(tmp_path / "m.json"))
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["fd"] > 0 and 0 <= m["accuracy"] <= 1 and m["num_samples"] == 30
@@ -93,17 +93,51 @@ def test_toy_run_writes_samples(tmp_path):
 
 def test_evaluate_rejects_bad_npz(tmp_path):
     np.savez(tmp_path / "bad.npz", pictures=np.zeros((3, 8, 8, 1), np.uint8))
-    r = run("engine/evaluate.py", str(tmp_path / "bad.npz"))
+    r = run("examples/digits/evaluate.py", str(tmp_path / "bad.npz"))
     assert r.returncode == 2 and "expected arrays 'images'" in r.stderr
+
+
+def test_evaluate_refuses_text_run_samples_in_one_line(tmp_path):
+    """A text run's samples (RGB, any side) are not digits: one line saying what the evaluator scores."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "t2i.npz", images=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(6) % 3)
+    r = run("examples/digits/evaluate.py", str(tmp_path / "t2i.npz"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "scores class-conditional digits" in r.stderr
+
+
+def test_a_dropped_extra_fake_update_does_not_mark_the_applied_generator_update_skipped(tiny_teacher_dir):
+    """Two-time-scale: the generator update and the first fake update are applied; a non-finite second fake
+    update is dropped. The log must say exactly that (skipped 0, skipped_fake 1), not 'step skipped'."""
+    from engine.config import DMDConfig, parse
+    from engine.plain import PlainBackend
+    from engine.trainer import DMDTrainer
+    cfg = parse(DMDConfig, {"model": {"kind": "unet", "teacher": str(tiny_teacher_dir)},
+                            "train": {"batch_size": 4, "reg_weight": 0.0, "fake_updates_per_generator": 3}})
+    tr = DMDTrainer(PlainBackend(cfg), cfg.train, seed=0)
+    tr.train_step()  # a healthy step first: the fake score now differs from the teacher, so G's gradient is not 0
+    fake_step, calls = tr.fake_step, []
+
+    def poisoned(x=None, cond=None):  # the second fake update of the step (the first extra one) goes NaN
+        logs = fake_step(x, cond)
+        calls.append(1)
+        return {**logs, "loss_fake": float("nan")} if len(calls) == 2 else logs
+    tr.fake_step = poisoned
+    before = [p.detach().clone() for p in tr.m.generator.parameters()]
+    logs = tr.train_step()
+    assert len(calls) == 2  # the third update is not tried after a dropped one
+    assert logs["skipped"] == 0.0 and logs["skipped_fake"] == 1.0 and tr.skipped_total == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.m.generator.parameters()))  # it was applied
 
 
 def test_sampling_generator_is_in_eval_mode_then_back_to_training(tiny_teacher_dir):
     """Sample grids and exports must not see dropout (nor draw from the training RNG), and training resumes
     in train mode afterwards."""
-    from engine.builder import DMDModels
+    from engine.plain import PlainBackend
     from engine.config import DMDConfig, parse
     for ema in (0.0, 0.9):
-        m = DMDModels(parse(DMDConfig, {"model": {"kind": "unet", "teacher": str(tiny_teacher_dir)},
+        m = PlainBackend(parse(DMDConfig, {"model": {"kind": "unet", "teacher": str(tiny_teacher_dir)},
                                         "train": {"batch_size": 4, "ema_decay": ema}}))
         assert m.generator.training
         with m.sampling() as gen:
@@ -113,8 +147,8 @@ def test_sampling_generator_is_in_eval_mode_then_back_to_training(tiny_teacher_d
 
 def test_device_choice(monkeypatch):
     """train.device: auto follows torch.cuda.is_available; a CUDA choice without CUDA is one clear error."""
-    from engine.builder import resolve_device
-    from engine.cli import DMDError
+    from engine.plain import resolve_device
+    from engine.errors import DMDError
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(DMDError, match="train.device is 'cuda' but torch sees no CUDA device"):

@@ -14,12 +14,12 @@ from test_end_to_end import _cfg
 
 def _trainer(teacher_dir, **train):
     """One-process trainer on the tiny teacher, as engine/train.py builds it (no regression term)."""
-    from engine.builder import DMDModels
+    from engine.plain import PlainBackend
     from engine.config import DMDConfig, parse
     from engine.trainer import DMDTrainer
     cfg = parse(DMDConfig, {"model": {"kind": "unet", "teacher": str(teacher_dir)},
                             "train": {"batch_size": 4, "reg_weight": 0.0, "kernels": "eager", **train}})
-    return DMDTrainer(DMDModels(cfg, "cpu"), cfg.train, seed=3)
+    return DMDTrainer(PlainBackend(cfg, "cpu"), cfg.train, seed=3)
 
 
 def _clone(module):

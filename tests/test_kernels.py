@@ -1,4 +1,5 @@
-"""Triton kernels (kernels/) against their plain-torch references and against engine.losses.
+"""Triton kernels (kernels/) against the engine's references: engine.losses for the DM loss, the noise schedule
+(and the kernel's own fp32-then-round numerics, written out below) for noise injection.
 
 Without CUDA the kernels run in Triton's CPU interpreter. triton.jit picks the interpreter when a kernel module is
 imported, so TRITON_INTERPRET is set here before kernels.* is imported (torch itself does not import triton).
@@ -16,7 +17,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from engine.losses import distribution_matching_loss  # noqa: E402
+from engine.losses import distribution_matching_loss, dm_gradient  # noqa: E402
 from kernels import dmd, noise, runs_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -80,7 +81,7 @@ def test_dmd_split_reduction_and_block_loop(device):
     inv3, loss3 = dmd.dmd_stats(x, pr, pf, split=3, block=64)  # 1173 = 3 chunks of 448 = 7 blocks of 64
     torch.testing.assert_close(inv3, inv1, rtol=1e-13, atol=0)
     torch.testing.assert_close(loss3, loss1, rtol=1e-13, atol=0)
-    ref = dmd.dmd_grad_reference(x, pr, pf)
+    ref = dm_gradient(x, pr, pf)
     norm = (x - pr).abs().mean(dim=(1, 2, 3))
     torch.testing.assert_close(inv1, torch.tensor([1 / norm[0].item(), 0.0, 0.0], dtype=torch.float64, device=device))
     torch.testing.assert_close(loss1, 0.5 * ref.square().mean(), rtol=1e-13, atol=0)
@@ -96,7 +97,7 @@ def test_dmd_rejects_inf_and_overflow_and_all_bad_batch(device):
     xk = x.clone().requires_grad_(True)
     loss = dmd.dmd_loss(xk, pr, pf)
     loss.backward()
-    ref = dmd.dmd_grad_reference(x, pr, pf)
+    ref = dm_gradient(x, pr, pf)
     assert torch.count_nonzero(ref[:3]) == 0  # the reference agrees that these three are rejected
     assert torch.count_nonzero(xk.grad[:3]) == 0 and torch.count_nonzero(xk.grad[3]) > 0
     torch.testing.assert_close(loss, 0.5 * ref.square().mean(), rtol=1e-5, atol=0)
@@ -113,6 +114,17 @@ def test_dmd_loss_rejects_bad_shapes():
 
 
 # --- noise injection ---------------------------------------------------------------------------------------------
+def _noise_reference(x, t, alpha, sigma, eps):
+    """The kernel's numerics in plain torch: fp32 (fp64 for fp64 x) maths, one rounding to x's dtype. (The
+    engine's NoiseSchedule.add_noise rounds the coefficients to x's dtype first; equal in fp32, checked below.)"""
+    ct = torch.promote_types(x.dtype, torch.float32)
+    idx = t.to(device=alpha.device, dtype=torch.long)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    a = alpha.float()[idx].to(device=x.device, dtype=ct).view(shape)
+    s = sigma.float()[idx].to(device=x.device, dtype=ct).view(shape)
+    return (a * x.to(ct) + s * eps.to(ct)).to(x.dtype)
+
+
 def _tables(T=50):
     from models import NoiseSchedule
     return NoiseSchedule.vp(T, 1e-3, 0.2, "linear")
@@ -127,7 +139,7 @@ def test_add_noise_matches_reference_and_schedule(device, dtype):
     xk, ek = x.clone().requires_grad_(True), eps.clone().requires_grad_(True)
     xr, er = x.clone().requires_grad_(True), eps.clone().requires_grad_(True)
     yk = noise.add_noise(xk, t, sch.alpha, sch.sigma, eps=ek)
-    yr = noise.add_noise_reference(xr, t, sch.alpha, sch.sigma, er)
+    yr = _noise_reference(xr, t, sch.alpha, sch.sigma, er)
     torch.testing.assert_close(yk, yr, **TOL[dtype])
     if dtype == torch.float32:  # the engine's own schedule (it rounds coefficients to x's dtype, so fp32 only)
         torch.testing.assert_close(yk, sch.add_noise(x, eps, t), rtol=1e-5, atol=1e-6)
@@ -151,10 +163,10 @@ def test_in_kernel_noise_is_reproducible_and_gaussian(device):
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
     # the materialised eps is the one the kernel used, and counters are plain offsets into one stream
     eps = noise.philox_randn(x.shape, 1234, 0, device)
-    torch.testing.assert_close(a, noise.add_noise_reference(x, t, sch.alpha, sch.sigma, eps), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a, _noise_reference(x, t, sch.alpha, sch.sigma, eps), rtol=1e-6, atol=1e-6)
     long = noise.philox_randn((2 * x.numel(),), 1234, 0, device)
     assert torch.equal(long[:x.numel()], eps.flatten())
-    torch.testing.assert_close(c, noise.add_noise_reference(x, t, sch.alpha, sch.sigma, long[x.numel():].view(x.shape)),
+    torch.testing.assert_close(c, _noise_reference(x, t, sch.alpha, sch.sigma, long[x.numel():].view(x.shape)),
                                rtol=1e-6, atol=1e-6)
     big = noise.philox_randn((200_000,), 7, 0, device).double()
     assert abs(big.mean().item()) < 0.01 and abs(big.std().item() - 1) < 0.01
@@ -217,7 +229,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert "compiled 25 kernel variants" in r.stdout, r.stdout
 
 
-def test_cpu_without_interpreter_falls_back_to_the_reference():
+def test_cpu_without_interpreter_kernels_refuse_and_the_engine_runs_eager():
     import subprocess
     import sys
     from conftest import ROOT
@@ -225,15 +237,20 @@ def test_cpu_without_interpreter_falls_back_to_the_reference():
 import torch
 from kernels import dmd, noise, runs_triton
 from engine.losses import distribution_matching_loss
+from engine import hotpath
 assert not runs_triton(dmd._dmd_stats_kernel, torch.empty(0))
 x, pr, pf = (torch.randn(2, 3, 5, 5) for _ in range(3))
-assert torch.equal(dmd.dmd_loss(x, pr, pf), distribution_matching_loss(x, pr, pf))
-try:
-    noise.add_noise(x, torch.zeros(2, dtype=torch.long), torch.ones(4), torch.ones(4), seed=0)
-except RuntimeError as e:
-    assert "TRITON_INTERPRET" in str(e)
-else:
-    raise AssertionError("in-kernel noise on CPU without the interpreter should be an error")
+for call in (lambda: dmd.dmd_loss(x, pr, pf),
+             lambda: noise.add_noise(x, torch.zeros(2, dtype=torch.long), torch.ones(4), torch.ones(4), seed=0),
+             lambda: noise.add_noise(x, torch.zeros(2, dtype=torch.long), torch.ones(4), torch.ones(4), eps=x)):
+    try:
+        call()
+    except RuntimeError as e:
+        assert "TRITON_INTERPRET" in str(e)
+    else:
+        raise AssertionError("a kernel on CPU without the interpreter must refuse, not fall back")
+path = hotpath.select("auto", torch.device("cpu"))
+assert path.name == "eager" and path.dm_loss is distribution_matching_loss
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
@@ -243,12 +260,12 @@ print("ok")
 
 # --- engine integration ------------------------------------------------------------------------------------------
 def _trainer(teacher_dir, kernels, device="cpu", **train):
-    from engine.builder import DMDModels
+    from engine.plain import PlainBackend
     from engine.config import DMDConfig, parse
     from engine.trainer import DMDTrainer
     cfg = parse(DMDConfig, {"model": {"kind": "unet", "teacher": str(teacher_dir)},
                             "train": {"batch_size": 5, "reg_weight": 0.0, "kernels": kernels, **train}})
-    return DMDTrainer(DMDModels(cfg, device), cfg.train, seed=3)
+    return DMDTrainer(PlainBackend(cfg, device), cfg.train, seed=3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -257,7 +274,7 @@ def test_trainer_triton_path_matches_eager(tiny_teacher_dir, guidance, device):
     eager = _trainer(tiny_teacher_dir, "eager", device, real_guidance=guidance)
     # on CUDA the default ("auto") must pick the kernels; on CPU they are asked for (interpreter)
     fused = _trainer(tiny_teacher_dir, "auto" if device == "cuda" else "triton", device, real_guidance=guidance)
-    assert eager.kernels is None and fused.kernels is not None
+    assert eager.ops.name == "eager" and fused.ops.name == "triton"
     for _ in range(2):  # the second step starts from weights the first step changed
         le, lf = eager.train_step(), fused.train_step()
         assert le.keys() == lf.keys() and "loss_dm" in le and "loss_fake" in le
@@ -326,7 +343,7 @@ def test_compile_scope_all_traces_each_network(tiny_teacher_dir, monkeypatch):
 
 
 def test_trainer_rejects_unknown_kernels_choice(tiny_teacher_dir):
-    from engine.cli import DMDError
+    from engine.errors import DMDError
     with pytest.raises(DMDError, match="train.kernels"):
         _trainer(tiny_teacher_dir, "cuda")
 

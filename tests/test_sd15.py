@@ -37,7 +37,7 @@ def _cfg(tmp_path, folder, zero=False, name="cfg.json", **data):
 
 
 def _text(folder, tmp_path):
-    from engine.builder import load_teacher
+    from engine.kinds import load_teacher
     from engine.config import DMDConfig, load
     from engine.text2image import load_text
     cfg = load(_cfg(tmp_path, folder), DMDConfig)
@@ -131,7 +131,7 @@ def test_pairs_are_the_guided_teacher_on_the_prompt_and_pinned_to_the_prompt_lis
 
 def test_exported_generator_is_a_one_step_stock_pipeline(sd_run):
     from diffusers import StableDiffusionPipeline
-    from engine.data import to_uint8
+    from engine.sampling import to_uint8
     pipe = StableDiffusionPipeline.from_pretrained(sd_run / "generator")
     prompts = [l.strip() for l in PROMPTS.read_text().splitlines()][:10]
     z = torch.randn((10, 4, 8, 8), generator=torch.Generator().manual_seed(12345))  # train.py's final draw

@@ -231,7 +231,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tiny_teacher_dir, pairs_dir, t
 
 def test_exported_generator_samples_the_same_with_stock_diffusers(reference_run):
     from diffusers import EDMEulerScheduler, UNet2DModel
-    from engine.data import to_uint8
+    from engine.sampling import to_uint8
     from engine.sampling import balanced_labels
     unet = UNet2DModel.from_pretrained(reference_run / "generator" / "unet").eval()
     sched = EDMEulerScheduler.from_pretrained(reference_run / "generator" / "scheduler")

@@ -1,27 +1,58 @@
 """Train the embedded digits teacher: a small class-conditional UNet2DModel with EDM preconditioning.
 
-    python engine/train_teacher.py --config configs/digits_teacher.json --out assets/digits_teacher
+    python examples/digits/train_teacher.py --config configs/digits_teacher.json --out assets/digits_teacher
 
 Writes a diffusers folder (unet/, scheduler/, dmd_model.json) with the EMA weights, replaced atomically at
 each eval point so an interrupted run never leaves a half-written teacher, plus train_log.jsonl and a grid.
 """
-import _bootstrap  # noqa: F401
+if __name__ == "__main__":  # run as a script from a checkout: the repo root on sys.path
+    import _bootstrap  # noqa: F401
 
 import copy
 import json
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from engine import cli
-from engine.config import TeacherConfig, load, to_dict
-from engine.data import NUM_CLASSES, load_digits, save_grid, to_uint8
+from engine.config import DataSection, EvalSection, load, to_dict
+from engine.files import swap_in
+from engine.sampling import save_grid, to_uint8
+from examples.digits.data import NUM_CLASSES, load_digits
 from models.denoiser import Denoiser, schedule_from_scheduler_config
 from models.samplers import sample
+
+
+@dataclass
+class TeacherTrainSection:
+    steps: int = 8000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1        # share of labels replaced by the null class (enables guidance)
+    p_mean: float = -1.2              # EDM log-normal sigma sampling (Karras et al. 2022, Table 1)
+    p_std: float = 1.2
+    hflip: bool = False
+    seed: int = 0
+    eval_every: int = 2000
+    eval_samples: int = 360
+    threads: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "teacher"
+    data: DataSection = field(default_factory=DataSection)
+    unet: dict = field(default_factory=dict)       # UNet2DModel keyword arguments
+    scheduler: dict = field(default_factory=dict)  # diffusers scheduler config (_class_name + its keys)
+    train: TeacherTrainSection = field(default_factory=TeacherTrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 def build_teacher(cfg: TeacherConfig) -> Denoiser:
@@ -38,12 +69,7 @@ def save_folder_atomic(model: Denoiser, out: Path, meta: dict):
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, meta)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, out)
 
 
 def main():

@@ -1,8 +1,9 @@
 """Train the digits classifier used as the evaluation feature extractor.
 
-    python engine/train_features.py --out assets/digits_classifier [--epochs 60]
+    python examples/digits/train_classifier.py --out assets/digits_classifier [--epochs 60]
 """
-import _bootstrap  # noqa: F401
+if __name__ == "__main__":  # run as a script from a checkout: the repo root on sys.path
+    import _bootstrap  # noqa: F401
 
 import argparse
 
@@ -10,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from engine import cli
-from engine.data import load_digits
-from engine.features import DigitsClassifier, save_classifier
+from examples.digits.classifier import DigitsClassifier, save_classifier
+from examples.digits.data import load_digits
 
 
 def main():

@@ -1,13 +1,14 @@
 """Evaluate samples: Frechet distance in digits-classifier feature space (via clean-fid), class accuracy,
 and Inception FID when the Inception weights are on disk.
 
-    python engine/evaluate.py samples.npz [--json metrics.json]
-    python engine/evaluate.py --real heldout        # the floor: held-out real digits vs training digits
+    python examples/digits/evaluate.py samples.npz [--json metrics.json]
+    python examples/digits/evaluate.py --real heldout        # the floor: held-out real digits vs training digits
 
 The reference is the training split. FD is biased by sample count, so every set is scored on subsets of
 the held-out split's size (360) and the mean (and std over 20 random subsets) is reported.
 """
-import _bootstrap  # noqa: F401
+if __name__ == "__main__":  # run as a script from a checkout: the repo root on sys.path
+    import _bootstrap  # noqa: F401
 
 import argparse
 import json
@@ -18,9 +19,11 @@ import numpy as np
 import torch
 
 from engine import cli
-from engine.builder import resolve_path
-from engine.data import from_uint8, load_digits, to_uint8
-from engine.features import CleanFIDExtractor, load_classifier
+from engine.errors import DMDError
+from engine.files import atomic_write_text, resolve_path
+from engine.sampling import from_uint8, to_uint8
+from examples.digits.classifier import CleanFIDExtractor, load_classifier
+from examples.digits.data import load_digits
 
 CLASSIFIER = "assets/digits_classifier"
 INCEPTION_FILE = Path(tempfile.gettempdir()) / "inception-2015-12-05.pt"  # where clean-fid looks for it
@@ -32,11 +35,15 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(path)
     with np.load(path) as f:
         if "images" not in f or "labels" not in f:
-            raise cli.DMDError(f"{path}: expected arrays 'images' (uint8 N×H×W×C) and 'labels' (N), found {list(f.keys())}")
+            raise DMDError(f"{path}: expected arrays 'images' (uint8 N×H×W×C) and 'labels' (N), found {list(f.keys())}")
         img, lab = f["images"], f["labels"]
     if img.dtype != np.uint8 or img.ndim != 4 or len(lab) != len(img):
-        raise cli.DMDError(f"{path}: 'images' must be uint8 N×H×W×C with one label each, got {img.dtype}{list(img.shape)}"
+        raise DMDError(f"{path}: 'images' must be uint8 N×H×W×C with one label each, got {img.dtype}{list(img.shape)}"
                            f" and {len(lab)} labels")
+    if img.shape[-1] != 1 or img.shape[1] != img.shape[2] or img.shape[1] % 8:
+        raise DMDError(f"{path}: this evaluator scores class-conditional digits (1-channel square images, a side that "
+                       f"is a multiple of 8) against the digits training split; got images {list(img.shape[1:])} "
+                       f"(scoring text-to-image samples is not implemented yet)")
     return img, lab.astype(np.int64)
 
 
@@ -128,7 +135,7 @@ def main():
     else:
         print(f"  Inception FID: {m['inception_fid']:.3f}")
     if args.json:
-        cli.atomic_write_text(args.json, json.dumps({"samples": name, **m}, indent=2))
+        atomic_write_text(args.json, json.dumps({"samples": name, **m}, indent=2))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def save_classifier(model: DigitsClassifier, folder, meta: dict):
 def load_classifier(folder) -> DigitsClassifier:
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"digits classifier not found in '{folder}' (make it with engine/train_features.py)")
+        raise FileNotFoundError(f"digits classifier not found in '{folder}' (make it with examples/digits/train_classifier.py)")
     cfg = json.loads((folder / "config.json").read_text())
     m = DigitsClassifier(cfg["resolution"])
     m.load_state_dict(load_file(folder / "model.safetensors"))

@@ -1,0 +1,204 @@
+"""The backend interface: everything the trainer, checkpointing and the entry points may call on the models.
+
+    engine/plain.py  PlainBackend  one process, plain PyTorch, whole models on one device
+    engine/zero.py   ZeroBackend   DeepSpeed ZeRO-3 on one or many processes, every model partitioned
+
+Both hold the same three models (DMD Sec. 3): `teacher` (mu_real, frozen), `generator` (G, run at the
+teacher's last timestep) and `fake` (mu_fake, a trainable copy of the teacher), plus `text` for latent
+text-to-image kinds. What both do alike is written here once: conditioning and decoding, the per-process slice
+of a global batch, step (apply, then EMA), the EMA update, the sampling context, the export, optimiser
+construction. Each backend writes only what differs: how its models are built, how gradients are made,
+applied or dropped, what crosses processes, and where checkpoints go.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import resource
+from pathlib import Path
+
+import torch
+
+from .errors import DMDError
+from .text2image import condition_count
+
+
+def adamw(params, lr: float, tc) -> torch.optim.AdamW:
+    """The optimiser of both trained models, in both backends (train.betas, train.weight_decay)."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+
+
+def rank_slice(x, rank: int, world: int):
+    """Process `rank`'s contiguous share of a global batch (dim 0): how every ZeRO-3 rank keeps its samples."""
+    if x is None or world == 1:
+        return x
+    n = x.shape[0] // world
+    return x[rank * n: (rank + 1) * n]
+
+
+def process_peak_mib(device: torch.device) -> float:
+    """This process's peak memory: torch.cuda.max_memory_allocated on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """`module` in eval mode for the block, then back in the mode it was in."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
+class Backend(abc.ABC):
+    """Attributes every backend sets: cfg, device, kind (engine.kinds.ModelKind), teacher, teacher_hash,
+    generator, fake, text (None for class-conditional kinds), rank and world_size."""
+    name: str                     # summary.json's "engine"
+    rank, world_size = 0, 1
+    text = None                   # engine.text2image.TextToImage for latent text-to-image kinds
+
+    # --- conditions and samples ------------------------------------------------------------------------
+    # Conditions are drawn as integers: class labels, or for text models prompt indices, which `condition`
+    # turns into embeddings; `to_images` decodes a latent model's samples.
+    @property
+    def num_classes(self) -> int | None:
+        return condition_count(self.teacher, self.text)
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.teacher.sample_shape)
+
+    def condition(self, idx):
+        return self.text.embed(idx) if self.text is not None and idx is not None else idx
+
+    def to_images(self, x):
+        return self.text.decode(x) if self.text is not None else x
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes the run folder's shared files (logs, samples, exports)."""
+        return self.rank == 0
+
+    def local(self, x):
+        """This process's slice of a global batch (drawn whole on every process from one seeded stream)."""
+        return rank_slice(x, self.rank, self.world_size)
+
+    # --- updates: the trainer calls backward, then step or discard, per trained model ------------------
+    @abc.abstractmethod
+    def backward(self, name: str, loss: torch.Tensor) -> float:
+        """Gradients of `loss` for "generator" or "fake"; returns their global norm before clipping (over all
+        processes). Nothing is applied until step(name); discard(name) drops them instead."""
+
+    def step(self, name: str):
+        """Applies the pending update of `name` (clipped); after a generator update, moves the EMA."""
+        self._apply(name)
+        if name == "generator":
+            self.update_ema()
+
+    @abc.abstractmethod
+    def _apply(self, name: str):
+        """The optimiser step of `name` on its pending gradients."""
+
+    @abc.abstractmethod
+    def discard(self, name: str):
+        """Drops the pending gradients of `name` unapplied (a non-finite step)."""
+
+    def mean_over_ranks(self, values: dict) -> dict:
+        """Scalars averaged over processes (a collective with several), so every process sees the same."""
+        return values
+
+    def gather(self, obj) -> list:
+        """One entry per process, in rank order (a collective with several)."""
+        return [obj]
+
+    def barrier(self):
+        pass
+
+    def autocast(self):
+        """The precision context of a training step and of sampling."""
+        return contextlib.nullcontext()
+
+    @abc.abstractmethod
+    def lrs(self) -> dict:
+        """Current learning rates: {"lr_generator": ..., "lr_fake": ...}."""
+
+    def peak_memory_mib(self) -> list[float]:
+        """Peak memory per process (see process_peak_mib); a collective with several."""
+        return self.gather(process_peak_mib(self.device))
+
+    @abc.abstractmethod
+    def local_param_counts(self) -> dict:
+        """Per model: [elements this process holds, elements of the whole model, dtype(s) it holds them in]."""
+
+    # --- generator EMA (train.ema_decay) ------------------------------------------------------------------
+    @abc.abstractmethod
+    def _ema_pairs(self):
+        """(shadow, source) tensor pairs: the EMA moves each shadow towards its source's current weights."""
+
+    @torch.no_grad()
+    def update_ema(self):
+        if self.cfg.train.ema_decay <= 0:
+            return
+        w = 1 - self.cfg.train.ema_decay
+        for shadow, src in self._ema_pairs():
+            shadow.lerp_(src.to(shadow).view_as(shadow), w)
+
+    # --- sampling and export ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _ema_in_use(self):
+        """Context manager yielding the generator module whose weights are the EMA when it is on."""
+
+    @contextlib.contextmanager
+    def sampling(self):
+        """The generator that samples and exports use: the EMA when enabled, in eval mode for the block (no
+        dropout in samples; sampling draws nothing from the training RNG). With several processes every
+        process enters it and calls the generator together (ZeRO-3 gathers parameters on the fly)."""
+        with self._ema_in_use() as gen, eval_mode(gen):
+            yield gen
+
+    def write_generator(self, folder: Path) -> bool:
+        """Writes the sampling generator as a diffusers folder (text kinds: a StableDiffusionPipeline folder
+        that samples in one step). Every process calls it; returns True on the one that wrote."""
+        with self.sampling() as gen:
+            weights = self._whole_generator_weights()
+            if not self.is_main:
+                return False
+            gen.save_pretrained(folder, state_dict=weights)
+            if self.text is not None:
+                self.text.complete_pipeline(folder, gen.denoiser.schedule, gen.denoiser.prediction_type)
+        return True
+
+    def _whole_generator_weights(self) -> dict | None:
+        """The denoiser network's weights when the generator module does not hold them whole (None: it does)."""
+        return None
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def save_checkpoint(self, out: Path, state: dict, step: int, keep: int):
+        """Writes the models' and optimisers' state with the trainer's `state` (RNG streams, step, pair position)
+        so that a kill at any moment leaves the previous checkpoint whole. Every process calls it."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, out: Path) -> dict:
+        """Restores the newest complete checkpoint in `out` into the models; returns the trainer state saved
+        with it. DMDError when there is none."""
+
+    # --- pairs and shutdown -------------------------------------------------------------------------------
+    def whole_teacher(self):
+        """(teacher, text) held whole on this process, for making regression pairs."""
+        return self.teacher, self.text
+
+    def close(self):
+        pass
+
+
+def check_world(cfg, world: int):
+    """Every global batch must split evenly over the processes."""
+    for key in ("batch_size", "reg_batch_size"):
+        n = getattr(cfg.train, key)
+        if n % world:
+            raise DMDError(f"train.{key} = {n} is not divisible by the {world} processes")

@@ -1,0 +1,78 @@
+"""model.kind, decided in one place: what each kind of teacher loads, which trainable models it starts, how
+an exported generator is read back, and which backends and extras it needs. A new kind is one new entry.
+
+    unet   class-conditional pixel-space teacher from a diffusers folder (UNet2DModel)
+    sd15   latent text-to-image teacher from a Stable Diffusion folder (UNet2DConditionModel + CLIP + VAE)
+    toy2d  the paper's Fig. 3: an exact 2-D Gaussian-mixture teacher, MLP generator and fake score
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from models import Denoiser, OneStepGenerator, trainable_copy, weights_hash
+from models.toy import GaussianMixtureDenoiser, ToyGenerator, mlp_denoiser
+
+from .errors import DMDError
+from .files import resolve_path
+
+
+def _folder_teacher(cfg) -> tuple[Denoiser, str]:
+    if not cfg.model.teacher:
+        raise DMDError("model.teacher is empty: set it to the teacher's diffusers folder")
+    folder = resolve_path(cfg.model.teacher)
+    return Denoiser.from_pretrained(folder), weights_hash(folder)
+
+
+def _toy_teacher(cfg) -> tuple[Denoiser, str]:
+    t = GaussianMixtureDenoiser()
+    return t, hashlib.sha256(repr((t.means.tolist(), t.std, t.log_w.tolist())).encode()).hexdigest()
+
+
+def _copies(cfg, teacher) -> tuple[nn.Module, nn.Module]:
+    """DMD Sec. 3.1: the generator and the fake score both start as copies of the teacher."""
+    return OneStepGenerator(trainable_copy(teacher)), trainable_copy(teacher)
+
+
+def _toy_models(cfg, teacher) -> tuple[nn.Module, nn.Module]:
+    return ToyGenerator(cfg.model.toy_hidden), mlp_denoiser(cfg.model.toy_hidden)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    name: str
+    load_teacher: Callable      # cfg -> (frozen teacher Denoiser, weights hash)
+    trainables: Callable        # (cfg, teacher) -> (generator, fake score), built in that order (RNG draws)
+    load_generator: Callable    # exported generator folder -> module
+    folder: bool = True         # the teacher is a diffusers folder (so ZeRO-3 can build it partitioned)
+    text: bool = False          # latent text-to-image: prompts, text encoder and decoder (engine/text2image.py)
+
+
+KINDS = {
+    "unet": ModelKind("unet", _folder_teacher, _copies, OneStepGenerator.from_pretrained),
+    "sd15": ModelKind("sd15", _folder_teacher, _copies, OneStepGenerator.from_pretrained, text=True),
+    "toy2d": ModelKind("toy2d", _toy_teacher, _toy_models, ToyGenerator.from_pretrained, folder=False),
+}
+
+
+def model_kind(name: str) -> ModelKind:
+    if name not in KINDS:
+        raise DMDError(f"model.kind must be one of {', '.join(KINDS)}, got '{name}'")
+    return KINDS[name]
+
+
+def load_teacher(cfg) -> tuple[Denoiser, str]:
+    """The frozen teacher (eval mode) and the hash of its weights."""
+    teacher, h = model_kind(cfg.model.kind).load_teacher(cfg)
+    return teacher.eval().requires_grad_(False), h
+
+
+def load_generator(folder: Path, kind: str) -> nn.Module:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DMDError(f"'{folder.parent}' holds no generator/ folder (not a finished or checkpointed run)")
+    return model_kind(kind).load_generator(folder)

@@ -1,0 +1,117 @@
+"""The one-process backend: plain PyTorch, the three models whole on one device (train.device).
+
+Checkpoint: OUT/checkpoint/state.pt (models, optimisers, EMA and the trainer's state), the folder replaced
+atomically: written beside it, then swapped in (engine/files.py), so a kill leaves a whole one.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from .backend import Backend, adamw
+from .errors import DMDError
+from .files import recover_swapped, swap_in
+from .kinds import load_teacher, model_kind
+from .text2image import load_text
+
+
+def resolve_device(choice: str) -> torch.device:
+    """train.device: auto = the first CUDA device when there is one, else the CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice not in ("cuda", "cpu") and not choice.startswith("cuda:"):
+        raise DMDError(f"train.device must be auto, cuda, cuda:N or cpu, got '{choice}'")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise DMDError(f"train.device is '{choice}' but torch sees no CUDA device (set it to auto or cpu)")
+    return torch.device(choice)
+
+
+class PlainBackend(Backend):
+    name = "plain"
+
+    def __init__(self, cfg, device="cpu", teacher: tuple | None = None):
+        """teacher: (Denoiser, hash) built by the caller instead of loaded from cfg.model (benchmarks)."""
+        tc = cfg.train
+        self.cfg, self.device, self.kind = cfg, torch.device(device), model_kind(cfg.model.kind)
+        self.teacher, self.teacher_hash = teacher or load_teacher(cfg)
+        self.teacher.to(self.device).eval().requires_grad_(False)
+        self.text = load_text(cfg, self.teacher, self.device)  # before the copies: they share its null condition
+        self.generator, self.fake = self.kind.trainables(cfg, self.teacher)
+        self.generator.to(self.device).train().requires_grad_(True)
+        self.fake.to(self.device).train().requires_grad_(True)
+        self.opt = {"generator": adamw(self.generator.parameters(), tc.lr_generator, tc),
+                    "fake": adamw(self.fake.parameters(), tc.lr_fake, tc)}
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval() if tc.ema_decay > 0 else None
+
+    def _model(self, name: str):
+        return self.generator if name == "generator" else self.fake
+
+    def backward(self, name: str, loss) -> float:
+        self.opt[name].zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self._model(name).parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.cfg.train.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+        return float(torch.norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+    def _apply(self, name: str):
+        self.opt[name].step()
+
+    def discard(self, name: str):
+        self.opt[name].zero_grad(set_to_none=True)
+
+    def lrs(self) -> dict:
+        return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.opt.items()}
+
+    def local_param_counts(self) -> dict:
+        out = {}
+        for k, m in (("teacher", self.teacher), ("generator", self.generator), ("fake", self.fake)):
+            ps = list(m.parameters())
+            n = sum(p.numel() for p in ps)
+            out[k] = [n, n, ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in ps}))]
+        return out
+
+    def _ema_pairs(self):
+        return zip(self.ema.parameters(), self.generator.parameters())
+
+    @contextlib.contextmanager
+    def _ema_in_use(self):
+        yield self.ema if self.ema is not None else self.generator
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def _state_dict(self) -> dict:
+        s = {"generator": self.generator.state_dict(), "fake": self.fake.state_dict(),
+             "opt_g": self.opt["generator"].state_dict(), "opt_f": self.opt["fake"].state_dict()}
+        if self.ema is not None:
+            s["ema"] = self.ema.state_dict()
+        return s
+
+    def _load_state_dict(self, s: dict):
+        self.generator.load_state_dict(s["generator"])
+        self.fake.load_state_dict(s["fake"])
+        self.opt["generator"].load_state_dict(s["opt_g"])
+        self.opt["fake"].load_state_dict(s["opt_f"])
+        if self.ema is not None:
+            self.ema.load_state_dict(s["ema"])
+
+    def save_checkpoint(self, out: Path, state: dict, step: int, keep: int):
+        tmp = out / ".checkpoint.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save({"models": self._state_dict(), **state}, tmp / "state.pt")
+        swap_in(tmp, out / "checkpoint")
+
+    def load_checkpoint(self, out: Path) -> dict:
+        recover_swapped(out / "checkpoint")
+        path = out / "checkpoint" / "state.pt"
+        if not path.is_file():
+            raise DMDError(f"--resume: no checkpoint at {path}")
+        s = torch.load(path, map_location=self.device, weights_only=True)
+        self._load_state_dict(s.pop("models"))
+        return s
