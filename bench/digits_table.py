@@ -68,7 +68,7 @@ def main():
     runs = {}
     for name in variants:
         run = out / name.replace(" ", "_").replace("/", "")
-        dt = sh("engine/train.py", "--config", ROOT / args.config, "--out", run, "--quiet", *common,
+        dt = sh("engine/train.py", "--config", ROOT / args.config, "--out", run, "--overwrite", "--quiet", *common,
                 *sum((["--set", s] for s in VARIANTS[name]), []))
         runs[name] = (run, dt)
     teacher_run = next(iter(runs.values()))[0]

@@ -41,7 +41,7 @@ def main():
     for name, sets in VARIANTS.items():
         run = out / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "")
         t0 = time.time()
-        subprocess.run([sys.executable, "engine/train.py", "--config", "configs/toy2d.json", "--out", str(run),
+        subprocess.run([sys.executable, "engine/train.py", "--config", "configs/toy2d.json", "--out", str(run), "--overwrite",
                         "--quiet", *sum((["--set", s] for s in sets), [])], cwd=ROOT, check=True)
         with np.load(run / "samples.npz") as f:
             s = f["samples"]

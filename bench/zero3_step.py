@@ -66,7 +66,7 @@ def main():
             run = out / f"{name.replace(', ', '_').replace(' ', '_').replace('-', '')}_rep{rep}"
             shutil.rmtree(run, ignore_errors=True)
             t0 = time.time()
-            subprocess.run([*cmd, "--out", str(run), *common], cwd=ROOT, check=True,
+            subprocess.run([*cmd, "--out", str(run), "--overwrite", *common], cwd=ROOT, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.time() - t0
             log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]

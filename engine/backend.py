@@ -111,6 +111,10 @@ class Backend(abc.ABC):
         """Scalars averaged over processes (a collective with several), so every process sees the same."""
         return values
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any (a collective with several)."""
+        return flag
+
     def gather(self, obj) -> list:
         """One entry per process, in rank order (a collective with several)."""
         return [obj]

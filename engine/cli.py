@@ -33,8 +33,10 @@ def main_guard(fn):
     from models.denoiser import ModelFolderError
     try:
         return fn()
-    except (DMDError, ModelFolderError, FileNotFoundError) as e:
-        msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"file not found: {e.filename}"
+    except (DMDError, ModelFolderError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename:
+            msg = f"file not found: {e.filename}" if isinstance(e, FileNotFoundError) else f"{e.strerror}: {e.filename}"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:

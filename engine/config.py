@@ -1,12 +1,15 @@
 """Config files: JSON, validated against dataclasses so a typo is one clear line naming the key.
 
-Each entry point has a schema (a dataclass of sections). Defaults live here, documented once.
+Each entry point has a schema (a dataclass of sections). Defaults live here, documented once, and so do the
+values each key accepts (RULES): every value is checked when the config is loaded, before any work.
 `--set section.key=value` on any command line overrides a value (the value is parsed as JSON when it can be).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +120,66 @@ class DMDConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
+# What each value may be. A rule is (test, what the value must be); a "section" rule sees the whole section.
+def _choice(*opts):
+    return (lambda v: v in opts), "one of " + ", ".join(map(str, opts))
+
+
+POS = (lambda v: v > 0), "> 0"
+NONNEG = (lambda v: v >= 0), ">= 0"
+FINITE_POS = (lambda v: math.isfinite(v) and v > 0), "finite and > 0"
+FINITE_NONNEG = (lambda v: math.isfinite(v) and v >= 0), "finite and >= 0"
+FRACTION = (lambda v: 0 <= v <= 1), "in [0, 1]"
+DECAY = (lambda v: 0 <= v < 1), "in [0, 1)"
+BETAS = (lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                       for b in v)), "two numbers in [0, 1)"
+DEVICE = (lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))), "auto, cpu, cuda or cuda:N"
+SAMPLERS = _choice("heun", "ddim")
+
+RULES = {
+    "ModelSection": {"toy_hidden": POS},  # model.kind: the registry in engine/kinds.py checks it
+    "DataSection": {"dataset": _choice("digits", "toy2d", "prompts"), "resolution": POS, "num_pairs": POS,
+                    "pair_sampler": SAMPLERS, "pair_steps": POS, "pair_guidance": FINITE_NONNEG,
+                    "pair_seed": NONNEG, "shard_size": POS, "pair_batch_size": POS,
+                    "loader": _choice("auto", "numpy", "dali")},
+    "TrainSection": {"batch_size": POS, "reg_batch_size": POS, "max_steps": NONNEG, "lr_generator": FINITE_POS,
+                     "lr_fake": FINITE_POS, "betas": BETAS, "weight_decay": FINITE_NONNEG,
+                     "fake_updates_per_generator": POS, "fake_warmup_steps": NONNEG,
+                     "fake_score": _choice("learned", "none"), "fake_loss_weighting": _choice("native", "x0"),
+                     "grad_clip": FINITE_NONNEG, "ema_decay": DECAY, "dm_weight": FINITE_NONNEG,
+                     "reg_weight": FINITE_NONNEG, "regression_loss": _choice("lpips", "mse"),
+                     "lpips_backbone": _choice("pretrained", "random"), "lpips_net": _choice("alex", "vgg", "squeeze"),
+                     "lpips_size": POS, "min_t_frac": FRACTION, "max_t_frac": FRACTION, "real_guidance": FINITE_NONNEG,
+                     "seed": NONNEG, "log_every": POS, "sample_every": NONNEG, "save_every": NONNEG, "threads": NONNEG,
+                     "device": DEVICE, "max_consecutive_skips": POS, "kernels": _choice("auto", "eager", "triton"),
+                     "compile_mode": _choice("auto", "default", "reduce-overhead", "max-autotune",
+                                             "max-autotune-no-cudagraphs"),
+                     "compile_scope": _choice("generator", "all"),
+                     "section": ((lambda s: s.min_t_frac < s.max_t_frac), "min_t_frac < max_t_frac")},
+    "DeepSpeedSection": {"zero_stage": _choice(3), "backend": _choice("auto", "nccl", "gloo"),
+                         "precision": _choice("auto", "fp32", "bf16"), "teacher_dtype": _choice("auto", "fp32", "bf16"),
+                         "persistence_threshold": NONNEG, "lr_warmup_steps": NONNEG, "keep_checkpoints": POS},
+    "EvalSection": {"num_samples": POS, "teacher_sampler": SAMPLERS, "teacher_steps": POS, "batch_size": POS},
+}
+
+
+def check_values(section, where: str):
+    """Raises ConfigError naming the first value its RULES refuse."""
+    for key, (ok, what) in RULES.get(type(section).__name__, {}).items():
+        if key == "section":
+            if not ok(section):
+                raise ConfigError(f"{where}: needs {what}".lstrip(": "))
+            continue
+        v = getattr(section, key)
+        try:
+            good = ok(v)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{where}.{key}".lstrip(".") + f" must be {what}, got {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -140,7 +203,9 @@ def _build(cls, d: dict, where: str):
         if k not in names:
             raise ConfigError(f"{where}: unknown key '{k}' (known: {', '.join(sorted(names))})")
     kw = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
-    return cls(**kw)
+    obj = cls(**kw)
+    check_values(obj, where)
+    return obj
 
 
 def parse(cls, d: dict, source: str = "config"):

@@ -95,3 +95,26 @@ def load_partitioned(net: torch.nn.Module, file, rank: int, deepspeed):
 def warmup_scheduler(opt, warm: int):
     """deepspeed.lr_warmup_steps: linear warm-up to the configured rate, then constant (0 = constant)."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+
+def tensors_only(engine):
+    """Makes a DeepSpeed engine read its checkpoint files as tensors only. DeepSpeed's own reader calls
+    torch.load(weights_only=False), which runs whatever code a crafted file holds; this one uses weights_only=True
+    and allows just the two DeepSpeed classes that ZeRO-3's optimiser state holds."""
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DMDError(f"--resume: {path} cannot be read as tensors (refused, nothing in it was run): "
+                           f"{first[:200]}") from None
+
+    engine.checkpoint_engine.load = load
+    return engine

@@ -5,6 +5,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import DMDError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,3 +47,54 @@ def recover_swapped(final: Path):
     old = final.with_name("." + final.name + ".old")
     if not final.exists() and old.is_dir():
         old.rename(final)
+
+
+def file_digest(path: Path) -> dict:
+    """Size and sha256 of a file: what a checkpoint records of each of its files, to tell a damaged one."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def write_digests(folder: Path, files, name: str = "checksums.json"):
+    """Records file_digest of `files` (paths inside `folder`) in folder/name, written atomically."""
+    import json
+    folder = Path(folder)
+    atomic_write_text(folder / name, json.dumps({Path(f).relative_to(folder).as_posix(): file_digest(f)
+                                                 for f in sorted(files)}, indent=1))
+
+
+def damaged(folder: Path, pattern: str = "checksums*.json") -> str | None:
+    """What is wrong with a folder whose files were recorded by write_digests (None: all intact, or no record:
+    written before checksums were)."""
+    import json
+    records = sorted(Path(folder).glob(pattern))
+    for rec in records:
+        try:
+            want = json.loads(rec.read_text())
+        except (OSError, ValueError):
+            return f"{rec.name} is unreadable"
+        for rel, d in want.items():
+            f = Path(folder) / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != d["bytes"]:
+                return f"{rel} is {f.stat().st_size} bytes, {d['bytes']} were written"
+            if file_digest(f)["sha256"] != d["sha256"]:
+                return f"{rel} does not match its checksum"
+    return None
+
+
+def load_tensors(path: Path, map_location=None):
+    """torch.load that reads tensors only (weights_only=True), a refusal being one line naming the file."""
+    import pickle
+
+    import torch
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DMDError(f"{path} cannot be read as tensors (refused, nothing in it was run): {first[:200]}") from None

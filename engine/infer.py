@@ -44,6 +44,8 @@ def main():
         raise DMDError(f"'{run}' is not a run folder (no config.json)")
     if args.num < 1:
         raise DMDError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size < 1:
+        raise DMDError(f"--batch-size must be >= 1, got {args.batch_size}")
     overrides = [f"data.prompts={args.prompts}"] if args.prompts else []
     cfg = load(run / "config.json", DMDConfig, overrides)
     teacher, _ = load_teacher(cfg)

@@ -33,6 +33,18 @@ def _toy_teacher(cfg) -> tuple[Denoiser, str]:
     return t, hashlib.sha256(repr((t.means.tolist(), t.std, t.log_w.tolist())).encode()).hexdigest()
 
 
+def _check_resolution(cfg, teacher):
+    """A pixel-space teacher samples at one size: data.resolution must name it, not be silently ignored."""
+    side = teacher.sample_shape[-1]
+    if cfg.data.resolution != side:
+        raise DMDError(f"data.resolution = {cfg.data.resolution} but the teacher {cfg.model.teacher} makes "
+                       f"{side}x{side} samples; set data.resolution to {side}")
+
+
+def _no_check(cfg, teacher):
+    pass
+
+
 def _copies(cfg, teacher) -> tuple[nn.Module, nn.Module]:
     """DMD Sec. 3.1: the generator and the fake score both start as copies of the teacher."""
     return OneStepGenerator(trainable_copy(teacher)), trainable_copy(teacher)
@@ -48,12 +60,13 @@ class ModelKind:
     load_teacher: Callable      # cfg -> (frozen teacher Denoiser, weights hash)
     trainables: Callable        # (cfg, teacher) -> (generator, fake score), built in that order (RNG draws)
     load_generator: Callable    # exported generator folder -> module
+    check: Callable = _no_check  # (cfg, teacher): refuses a config the teacher cannot serve, before any work
     folder: bool = True         # the teacher is a diffusers folder (so ZeRO-3 can build it partitioned)
     text: bool = False          # latent text-to-image: prompts, text encoder and decoder (engine/text2image.py)
 
 
 KINDS = {
-    "unet": ModelKind("unet", _folder_teacher, _copies, OneStepGenerator.from_pretrained),
+    "unet": ModelKind("unet", _folder_teacher, _copies, OneStepGenerator.from_pretrained, _check_resolution),
     "sd15": ModelKind("sd15", _folder_teacher, _copies, OneStepGenerator.from_pretrained, text=True),
     "toy2d": ModelKind("toy2d", _toy_teacher, _toy_models, ToyGenerator.from_pretrained, folder=False),
 }
@@ -67,7 +80,9 @@ def model_kind(name: str) -> ModelKind:
 
 def load_teacher(cfg) -> tuple[Denoiser, str]:
     """The frozen teacher (eval mode) and the hash of its weights."""
-    teacher, h = model_kind(cfg.model.kind).load_teacher(cfg)
+    kind = model_kind(cfg.model.kind)
+    teacher, h = kind.load_teacher(cfg)
+    kind.check(cfg, teacher)
     return teacher.eval().requires_grad_(False), h
 
 

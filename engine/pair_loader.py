@@ -38,7 +38,7 @@ class _ShardSource:
 
     def __call__(self, info):
         if self.reader is None:
-            self.reader, self.sampler = PairReader(self.folder), BatchSampler(*self.sampler_args)
+            self.reader, self.sampler = PairReader(self.folder, verify=False), BatchSampler(*self.sampler_args)
         idx = rank_slice(self.sampler.at(self.first + info.iteration), self.rank, self.world)
         return tuple(t.numpy() for t in self.reader.batch(idx))  # dense (B, ...) arrays: one batch each
 

@@ -5,6 +5,7 @@ A pairs folder holds plain .npy shards, so any reader (numpy, DALI's numpy reade
     shard_00000.y.npy      (n, *shape)  float32   the teacher's deterministic ODE output
     shard_00000.label.npy  (n,)         int64     class label, or prompt index (text models)
     manifest.json          teacher weights hash, sampler, steps, guidance, shapes, dtype, count, seeds, shards
+                           (each with its size and sha256, checked when a reader opens the folder)
 Pair i's noise is drawn from torch.Generator().manual_seed(seed + i), so any pair can be remade alone and
 shards can be made in parallel anywhere. The manifest is written last: a folder without one is incomplete.
 """
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from models.samplers import nfe, sample
 
 from .errors import PairsError
+from .files import file_digest
 from .text2image import condition_count
 
 FORMAT = "dmd-pairs/1"
@@ -78,7 +80,8 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
                 np.save(fh, arr)
             os.replace(tmp, folder / name)
             entry[part] = name
-            entry[part + "_bytes"] = (folder / name).stat().st_size
+            digest = file_digest(folder / name)
+            entry[part + "_bytes"], entry[part + "_sha256"] = digest["bytes"], digest["sha256"]
         man["shards"].append(entry)
     bar.close()
     tmp = folder / ".manifest.json.tmp"
@@ -90,7 +93,9 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
 class PairReader:
     """Opens a pairs folder, checks it against what the run expects, and serves random batches."""
 
-    def __init__(self, folder, expect: dict | None = None):
+    def __init__(self, folder, expect: dict | None = None, verify: bool = True):
+        """verify: check each shard against the manifest's sha256 (a process that reopens a folder another one
+        has verified, e.g. DALI's worker, passes False)."""
         self.folder = Path(folder)
         mpath = self.folder / "manifest.json"
         if not mpath.is_file():
@@ -104,15 +109,19 @@ class PairReader:
             if have != want:
                 raise PairsError(f"{mpath}: '{key}' is {have!r} but this run expects {want!r} "
                                  f"(delete the folder to remake the pairs, or point data.pairs_dir elsewhere)")
-        shape = tuple(self.manifest["shape"])
+        self.verify = verify
         arrays = {p: [] for p in PARTS}
         total = 0
-        for entry in self.manifest["shards"]:
-            n = entry["count"]
-            for part, want_shape, dtype in (("z", (n, *shape), np.float32), ("y", (n, *shape), np.float32),
-                                             ("label", (n,), np.int64)):
-                arrays[part].append(self._open(entry, part, want_shape, dtype))
-            total += n
+        try:
+            shape = tuple(self.manifest["shape"])
+            for entry in self.manifest["shards"]:
+                n = entry["count"]
+                for part, want_shape, dtype in (("z", (n, *shape), np.float32), ("y", (n, *shape), np.float32),
+                                                 ("label", (n,), np.int64)):
+                    arrays[part].append(self._open(entry, part, want_shape, dtype))
+                total += n
+        except (KeyError, TypeError) as e:
+            raise PairsError(f"{mpath}: not a pairs manifest (missing or malformed {e}); remake the pairs") from None
         if total != self.manifest["count"]:
             raise PairsError(f"{mpath}: shards hold {total} pairs but the manifest says {self.manifest['count']}")
         self.z, self.y, self.label = (np.concatenate(arrays[p]) for p in PARTS)
@@ -125,6 +134,9 @@ class PairReader:
         if size != entry.get(part + "_bytes", size):
             raise PairsError(f"pair shard '{path}' is {size} bytes, the manifest says {entry[part + '_bytes']} "
                              f"(truncated or replaced)")
+        if self.verify and part + "_sha256" in entry and file_digest(path)["sha256"] != entry[part + "_sha256"]:
+            raise PairsError(f"pair shard '{path}' does not match the manifest's checksum (changed after it was "
+                             f"written); delete the pairs folder to remake it")
         try:
             arr = np.load(path, mmap_mode="r")
         except Exception as e:  # numpy says 'mmap length is greater than file size' etc.

@@ -14,7 +14,7 @@ import torch
 
 from .backend import Backend, adamw
 from .errors import DMDError
-from .files import recover_swapped, swap_in
+from .files import damaged, load_tensors, recover_swapped, swap_in, write_digests
 from .kinds import load_teacher, model_kind
 from .text2image import load_text
 
@@ -105,6 +105,7 @@ class PlainBackend(Backend):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         torch.save({"models": self._state_dict(), **state}, tmp / "state.pt")
+        write_digests(tmp, [tmp / "state.pt"])
         swap_in(tmp, out / "checkpoint")
 
     def load_checkpoint(self, out: Path) -> dict:
@@ -112,6 +113,10 @@ class PlainBackend(Backend):
         path = out / "checkpoint" / "state.pt"
         if not path.is_file():
             raise DMDError(f"--resume: no checkpoint at {path}")
-        s = torch.load(path, map_location=self.device, weights_only=True)
+        problem = damaged(path.parent)
+        if problem:
+            raise DMDError(f"--resume: the checkpoint in {path.parent} is damaged ({problem}) and a one-process run "
+                           f"keeps no older one")
+        s = load_tensors(path, self.device)
         self._load_state_dict(s.pop("models"))
         return s

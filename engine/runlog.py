@@ -48,6 +48,7 @@ class RunLog:
         self.board = Board(out / "tb", main)
         self.sums: dict = {}
         self.counts: dict = {}
+        self.notes: dict = {}
 
     def add(self, logs: dict):
         for k, v in logs.items():
@@ -61,10 +62,16 @@ class RunLog:
         self.sums, self.counts = {}, {}
         if self.main:
             self.file.write(json.dumps({"step": step, **means, "samples_per_s": rate, **extra,
-                                        "time_s": time.time() - self.t_start}) + "\n")
+                                        "time_s": time.time() - self.t_start, **self.notes}) + "\n")
             self.file.flush()
             self.board.scalars(step, {**means, **extra, "samples_per_s": rate})
+        self.notes = {}
         return means
+
+    def note(self, record: dict):
+        """Facts for the next log line only (e.g. a resume and the config keys it changed); every line stays
+        one step's record, and TensorBoard sees only scalars."""
+        self.notes.update(record)
 
     def close(self):
         if self.file is not None:

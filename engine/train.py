@@ -13,16 +13,17 @@ import _bootstrap  # noqa: F401
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from engine import checkpoint, cli, faults
+from engine import checkpoint, cli, faults, preempt, runfolder
 from engine.config import DMDConfig, load, to_dict
 from engine.errors import DMDError
-from engine.files import atomic_write_text, ensure_dir
+from engine.files import atomic_write_text
 from engine.losses import make_regression_loss
 from engine.pair_loader import check_loader, make_pair_feed
 from engine.pairs import BatchSampler, PairReader, expected_manifest, write_pairs
@@ -37,15 +38,18 @@ def parse_args():
     p = cli.parser(__doc__)
     p.add_argument("--max-steps", type=int, default=None, help="cap the number of generator updates")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty OUT (pairs/ is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args()
 
 
-def check_config(cfg):
-    """What can be refused before any work (a typo must not cost the pairs' minutes)."""
+def check_config(cfg, args):
+    """What can be refused before any work beyond the config's own value checks (engine/config.py)."""
     check_loader(cfg.data.loader)
     tc = cfg.train
+    if args.max_steps is not None and args.max_steps < 0:
+        raise DMDError(f"--max-steps must be >= 0, got {args.max_steps}")
     if tc.reg_weight > 0 and tc.reg_batch_size > cfg.data.num_pairs:
         raise DMDError(f"train.reg_batch_size = {tc.reg_batch_size} is larger than data.num_pairs = "
                        f"{cfg.data.num_pairs}")
@@ -97,8 +101,10 @@ def sample_images(models, n: int, seed: int, batch_size: int):
                     seed=seed, batch_size=batch_size, device=models.device)
 
 
-def train_loop(cfg, models, trainer, feed, out: Path, max_steps: int, quiet: bool, log: RunLog, save):
+def train_loop(cfg, models, trainer, feed, out: Path, max_steps: int, quiet: bool, log: RunLog, save) -> bool:
+    """Trains up to max_steps; returns False when stopped early by SIGTERM/SIGUSR1 (a checkpoint is written)."""
     tc = cfg.train
+    stop = preempt.StopRequest()
     bar = tqdm(total=max_steps, initial=trainer.step, desc=cfg.name, disable=quiet, dynamic_ncols=True)
     t_train, n_seen = time.time(), 0
     while trainer.step < max_steps:
@@ -129,8 +135,15 @@ def train_loop(cfg, models, trainer, feed, out: Path, max_steps: int, quiet: boo
         if tc.save_every and trainer.step % tc.save_every == 0 and trainer.step < max_steps:
             save()
         bar.update(1)
+        if models.any_rank(stop.requested) and trainer.step < max_steps:
+            save()
+            bar.close()
+            if models.is_main:
+                print(f"stopped by {stop.signal or 'a signal to another process'} after step {trainer.step}: "
+                      f"checkpoint written; continue with --resume", flush=True)
+            return False
     bar.close()
-    return time.time() - t_train
+    return True
 
 
 def main():
@@ -138,10 +151,11 @@ def main():
     args = parse_args()
     cfg = load(args.config, DMDConfig, args.set)
     tc = cfg.train
-    check_config(cfg)
+    check_config(cfg, args)
     max_steps = args.max_steps if args.max_steps is not None else tc.max_steps
     cli.set_threads(tc.threads)
-    out = ensure_dir(args.out)
+    out = Path(args.out)
+    changes = runfolder.check(out, args.resume, args.overwrite, to_dict(cfg))  # every process alike
     t_start = time.time()
     torch.manual_seed(tc.seed)
     models = build_backend(cfg)
@@ -149,13 +163,17 @@ def main():
         torch.manual_seed(tc.seed + models.rank)  # dropout masks: each process its own stream
     quiet = args.quiet or not models.is_main
     counts = models.gather(models.local_param_counts())  # what each process holds (tests, benchmarks)
-    if models.is_main:
-        atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2))
-        atomic_write_text(out / "partition.json", json.dumps(counts, indent=2))
+    if models.is_main and args.overwrite:
+        runfolder.clear(out)
+    models.barrier()
 
-    # 2. pairs and the regression loss
+    # 2. pairs and the regression loss; then the run's own files (a run refused so far leaves none)
     reader, sampler, regression = regression_parts(cfg, models, out, quiet)
     t_pairs = time.time() - t_start
+    if models.is_main:
+        if not args.resume:  # a resumed run's config.json changes only once its checkpoint has loaded
+            atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2))
+        atomic_write_text(out / "partition.json", json.dumps(counts, indent=2))
 
     # 3. trainer: resumed from the newest checkpoint, or with its fake-score warm-up
     trainer = DMDTrainer(models, tc, regression, reader, tc.seed)
@@ -163,7 +181,8 @@ def main():
     if args.resume:
         checkpoint.load(out, models, trainer, sampler)
         if models.is_main:
-            print(f"resumed at step {trainer.step}")
+            print(f"resumed at step {trainer.step}" + (f", changed: {', '.join(changes)}" if changes else ""))
+            atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2))
     elif tc.fake_warmup_steps and tc.dm_weight > 0 and tc.fake_score == "learned":
         with tqdm(total=tc.fake_warmup_steps, desc="fake-score warm-up", disable=quiet) as bar, models.autocast():
             trainer.warmup_fake(tc.fake_warmup_steps, bar)
@@ -171,8 +190,15 @@ def main():
 
     # 4. the loop
     log = RunLog(out, models.is_main, t_start)
+    if args.resume:
+        log.note({"resumed_from": trainer.step, "config_changes": changes})
     save = lambda: checkpoint.save(out, models, trainer, sampler, {"config": to_dict(cfg)}, cfg.deepspeed.keep_checkpoints)
-    train_s = train_loop(cfg, models, trainer, feed, out, max_steps, quiet, log, save)
+    t_train = time.time()
+    finished = train_loop(cfg, models, trainer, feed, out, max_steps, quiet, log, save)
+    train_s = time.time() - t_train
+    if not finished:
+        shutdown(log, feed, models)
+        sys.exit(preempt.EXIT_PREEMPTED)
 
     # 5. final checkpoint and export, samples, summary
     save()
@@ -189,6 +215,10 @@ def main():
         plot_log(out / "log.jsonl", out / "losses.png")
         print(f"done: {trainer.step} steps in {train_s:.0f} s; generator in {out / 'generator'}, samples in "
               f"{out / 'samples.npz'}")
+    shutdown(log, feed, models)
+
+
+def shutdown(log, feed, models):
     log.close()
     if feed is not None:
         feed.close()

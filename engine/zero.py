@@ -13,17 +13,17 @@ Generator EMA: each rank keeps an fp32 copy of its own partition of every genera
 the optimiser's fp32 master partition after each step (no communication); sampling swaps it in.
 
 Checkpoints: OUT/checkpoints/<tag>/ with tag = step_NNNNNN, holding generator/ and fake/ (DeepSpeed's own:
-partitioned weights, optimiser and LR-scheduler state) and trainer_rank<r>.pt (the trainer's state, this rank's
-EMA partitions), and OUT/checkpoints/latest naming the newest complete tag. Every rank writes its parts,
-barrier, then rank 0 replaces `latest` by rename and prunes all but the newest keep_checkpoints tags. A run
-killed while saving leaves `latest` naming the previous tag, which is untouched.
+partitioned weights, optimiser and LR-scheduler state), trainer_rank<r>.pt (the trainer's state, this rank's
+EMA partitions) and checksums_rank<r>.json (size and sha256 of this rank's files), and OUT/checkpoints/latest
+naming the newest complete tag (engine/tags.py). Every rank writes its parts, barrier, then rank 0 replaces
+`latest` and prunes all but the newest keep_checkpoints tags. A resume loads the newest tag whose files match
+their checksums, reading DeepSpeed's files as tensors only.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -32,15 +32,13 @@ import torch
 from models import Denoiser, OneStepGenerator, weights_hash
 
 from .backend import Backend, adamw, check_world, eval_mode
-from .distributed import dtype_choice, ds_config, init_distributed, load_partitioned, warmup_scheduler
+from .distributed import dtype_choice, ds_config, init_distributed, load_partitioned, tensors_only, warmup_scheduler
 from .errors import DMDError
 from .faults import kill_hook
-from .files import atomic_write_text, resolve_path
+from .files import load_tensors, resolve_path, write_digests
 from .kinds import load_teacher, model_kind
+from .tags import intact_tag, publish
 from .text2image import load_text
-
-TAG = re.compile(r"^step_(\d{6,})$")
-
 
 class ZeroBackend(Backend):
     name = "deepspeed-zero3"
@@ -77,6 +75,7 @@ class ZeroBackend(Backend):
 
         self.engines = {"teacher": self._build_teacher()}
         self.teacher = self.engines["teacher"].module
+        self.kind.check(cfg, self.teacher)
         # text models: the prompt encoder and the decoder are frozen and small, so whole on every process
         self.text = load_text(cfg, self.teacher, self.device, self.teacher_dtype)
         self.engines["generator"] = self._build_trained("generator", cfg.train.lr_generator)
@@ -114,7 +113,7 @@ class ZeroBackend(Backend):
         model = OneStepGenerator(d) if name == "generator" else d
         opt = adamw(model.parameters(), lr, self.cfg.train)
         sched = lambda o: warmup_scheduler(o, self.cfg.deepspeed.lr_warmup_steps)
-        return self.ds.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf)[0]
+        return tensors_only(self.ds.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf)[0])
 
     def whole_teacher(self):
         teacher = load_teacher(self.cfg)[0]
@@ -164,6 +163,11 @@ class ZeroBackend(Backend):
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
         self.dist.all_reduce(t)
         return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def gather(self, obj) -> list:
         out = [None] * self.world_size
@@ -255,21 +259,16 @@ class ZeroBackend(Backend):
         tmp = folder / f".trainer_rank{self.rank}.pt.tmp"
         torch.save({**state, "ema": self.ema_parts}, tmp)  # EMA: this rank's partitions
         os.replace(tmp, folder / f"trainer_rank{self.rank}.pt")
+        mine = [*folder.glob(f"*/zero_pp_rank_{self.rank}_mp_rank_*"), folder / f"trainer_rank{self.rank}.pt"]
+        write_digests(folder, mine, f"checksums_rank{self.rank}.json")
         self.barrier()  # every rank's part is on disk before `latest` may name the tag
         if self.is_main:
-            atomic_write_text(root / "latest", tag + "\n")
-            done = [t for s, t in _tags(root) if s <= step]
-            for s, t in _tags(root):
-                if s > step or t in done[:-max(keep, 1)]:  # leftovers of killed saves, and old tags
-                    shutil.rmtree(root / t, ignore_errors=True)
+            publish(root, step, keep)
         self.barrier()
 
     def load_checkpoint(self, out: Path) -> dict:
         root = out / "checkpoints"
-        tag = latest_tag(root) if root.is_dir() else None
-        if tag is None:
-            raise DMDError(f"--resume: no complete checkpoint in {root} (no 'latest' file)")
-        folder = root / tag
+        folder = root / intact_tag(root, self.is_main)
         state = folder / f"trainer_rank{self.rank}.pt"
         if not state.is_file():
             raise DMDError(f"--resume: {state} is missing (checkpoint written by a run with another process "
@@ -279,7 +278,7 @@ class ZeroBackend(Backend):
                                                          load_lr_scheduler_states=True)
             if path is None:
                 raise DMDError(f"--resume: DeepSpeed could not load {folder / name}")
-        s = torch.load(state, map_location=self.device, weights_only=True)
+        s = load_tensors(state, self.device)
         self._load_ema(s.pop("ema", None), state)
         return s
 
@@ -298,12 +297,3 @@ class ZeroBackend(Backend):
         if self.dist.is_initialized():
             self.dist.barrier()
             self.dist.destroy_process_group()
-
-
-def _tags(root: Path) -> list[tuple[int, str]]:
-    return sorted((int(m.group(1)), d.name) for d in root.iterdir() if d.is_dir() and (m := TAG.match(d.name)))
-
-
-def latest_tag(root: Path) -> str | None:
-    f = root / "latest"
-    return f.read_text().strip() if f.is_file() else None

@@ -97,19 +97,23 @@ class Denoiser(nn.Module):
         for part in ("unet/config.json", "scheduler/scheduler_config.json"):
             if not (folder / part).is_file():
                 raise ModelFolderError(f"model folder '{folder}' has no {part}")
-        sch_cfg = json.loads((folder / "scheduler/scheduler_config.json").read_text())
-        unet_cfg = json.loads((folder / "unet/config.json").read_text())
-        meta = json.loads((folder / "dmd_model.json").read_text()) if (folder / "dmd_model.json").is_file() else {}
+        sch_cfg, unet_cfg = _read_json(folder / "scheduler/scheduler_config.json"), _read_json(folder / "unet/config.json")
+        meta = _read_json(folder / "dmd_model.json") if (folder / "dmd_model.json").is_file() else {}
         schedule = schedule_from_scheduler_config(sch_cfg)
         import diffusers
         cls_name = unet_cfg.get("_class_name", "UNet2DModel")
         if cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
             raise ModelFolderError(f"{folder}/unet/config.json: unsupported _class_name '{cls_name}'")
-        if weights:
-            net = getattr(diffusers, cls_name).from_pretrained(folder / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
-        else:
-            net = getattr(diffusers, cls_name).from_config(unet_cfg)
-            net = net if dtype == torch.float32 else net.to(dtype)
+        try:
+            if weights:
+                net = getattr(diffusers, cls_name).from_pretrained(folder / "unet", torch_dtype=dtype,
+                                                                   low_cpu_mem_usage=False)
+            else:
+                net = getattr(diffusers, cls_name).from_config(unet_cfg)
+                net = net if dtype == torch.float32 else net.to(dtype)
+        except Exception as e:  # noqa: BLE001 - a corrupt or foreign folder: whatever diffusers or safetensors raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelFolderError(f"{folder}/unet cannot be loaded ({type(e).__name__}: {first[:200]})") from None
         kw = "class_labels" if cls_name == "UNet2DModel" else "encoder_hidden_states"
         shape = meta.get("sample_shape") or [unet_cfg["in_channels"], unet_cfg["sample_size"], unet_cfg["sample_size"]]
         return cls(net, schedule, sch_cfg.get("prediction_type", "epsilon"), meta.get("num_classes"),
@@ -129,6 +133,16 @@ class Denoiser(nn.Module):
         meta = {"num_classes": self.num_classes, "null_class": self.null_class,
                 "sample_shape": list(self.sample_shape) if self.sample_shape else None, **(extra_meta or {})}
         (folder / "dmd_model.json").write_text(json.dumps(meta, indent=2))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ModelFolderError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object")
+    return d
 
 
 class OneStepGenerator(nn.Module):

@@ -96,7 +96,7 @@ def test_bad_loader_is_one_line(tmp_path, tiny_teacher_dir):
     r = run("engine/train.py", "--config", str(_cfg(tmp_path, tiny_teacher_dir)), "--out", str(tmp_path / "r"),
             "--set", "data.loader=tfdata")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert "data.loader must be auto, numpy or dali, got 'tfdata'" in r.stderr
+    assert "data.loader must be one of auto, numpy, dali, got 'tfdata'" in r.stderr
 
 
 def test_regression_batch_larger_than_the_pairs_is_one_line_before_any_work(tmp_path):

@@ -168,6 +168,68 @@ def test_sigkill_mid_training_and_during_save_then_resume(reference_run, tiny_te
     assert _log(out)[-1]["loss_g"] == pytest.approx(_log(reference_run)[-1]["loss_g"], rel=1e-6)
 
 
+def test_sigterm_to_the_job_stops_every_rank_with_a_checkpoint_then_resume(needs_deepspeed, tiny_teacher_dir, pairs_dir,
+                                                                           tmp_path):
+    """What a scheduler does on preemption: SIGTERM to every process of the job. The ranks agree on one step,
+    write a complete checkpoint, and `--resume` continues from it."""
+    from test_attacks import _wait_for_step
+    cfg = _cfg(tmp_path, tiny_teacher_dir, pairs_dir, max_steps=10_000, save_every=0)
+    out = tmp_path / "run"
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", _free_port(), "engine/train.py", "--config", str(cfg),
+           "--out", str(out), "--quiet"]
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            _wait_for_step(out / "log.jsonl", p, 3, timeout=600)
+            os.killpg(p.pid, signal.SIGTERM)
+            stdout, stderr = p.communicate(timeout=300)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert "stopped by SIGTERM" in stdout and "checkpoint written" in stdout, (stdout + stderr)[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(tag.removeprefix("step_"))
+    assert step >= 3 and all((out / "checkpoints" / tag / f"trainer_rank{r}.pt").is_file() for r in (0, 1))
+    r = launch(cfg, out, "--resume", "--max-steps", str(step + 1))
+    assert r.returncode == 0 and f"resumed at step {step}" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 1
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    part = out / "checkpoints" / "step_000006" / "fake" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    part.write_bytes(part.read_bytes()[:1000])  # truncated
+    r = launch(out / "config.json", out, "--resume")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "checkpoint" in r.stderr and "step_000006 skipped" in r.stderr and "resumed at step 4" in r.stdout
+    assert _max_diff(_generator_weights(out), _generator_weights(reference_run)) < 1e-6  # steps 5, 6 again
+
+
+@pytest.mark.parametrize("victim", ["generator/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                    "fake/zero_pp_rank_1_mp_rank_00_optim_states.pt", "trainer_rank0.pt"])
+def test_a_pickle_payload_in_any_checkpoint_file_is_refused_without_running(reference_run, tmp_path, victim):
+    """DeepSpeed's own reader would unpickle anything; ours reads tensors only. The attacker here also rewrote the
+    checksum record, so only the reader stands between the file and the code in it."""
+    import shutil
+    from engine.files import write_digests
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    shutil.copytree(reference_run, out)
+    tag = out / "checkpoints" / "step_000006"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"module": Payload(), "step": Payload()}, tag / victim)
+    for rank in (0, 1):
+        mine = [*tag.glob(f"*/zero_pp_rank_{rank}_mp_rank_*"), tag / f"trainer_rank{rank}.pt"]
+        write_digests(tag, mine, f"checksums_rank{rank}.json")
+    r = launch(out / "config.json", out, "--resume")
+    assert r.returncode != 0 and "cannot be read as tensors" in r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert not marker.exists()
+
+
 def test_generator_ema_matches_one_process_and_survives_resume(needs_deepspeed, tiny_teacher_dir, pairs_dir, tmp_path):
     """Generator EMA under ZeRO-3 (fp32 shadows of each rank's partitions): the exported generator is the EMA,
     equal to the single-process EMA, and a run killed and resumed ends with the same EMA."""
@@ -316,7 +378,7 @@ def test_bad_deepspeed_key_is_one_line(tmp_path):
     assert "deepspeed: unknown key 'offload'" in r.stderr
     r = run("engine/train.py", "--config", "configs/digits_zero3.json", "--out", str(tmp_path / "r"),
             "--set", "deepspeed.zero_stage=2")
-    assert r.returncode == 2 and "deepspeed.zero_stage must be 3" in r.stderr, r.stderr
+    assert r.returncode == 2 and "deepspeed.zero_stage must be one of 3, got 2" in r.stderr, r.stderr
     r = run("engine/train.py", "--config", "configs/digits_zero3.json", "--out", str(tmp_path / "r"),
             "--set", "train.compile=true")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr

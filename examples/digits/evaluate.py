@@ -13,6 +13,7 @@ if __name__ == "__main__":  # run as a script from a checkout: the repo root on 
 import argparse
 import json
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,14 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(path)
-    with np.load(path) as f:
-        if "images" not in f or "labels" not in f:
-            raise DMDError(f"{path}: expected arrays 'images' (uint8 N×H×W×C) and 'labels' (N), found {list(f.keys())}")
-        img, lab = f["images"], f["labels"]
+    try:
+        with np.load(path) as f:
+            if "images" not in f or "labels" not in f:
+                raise DMDError(f"{path}: expected arrays 'images' (uint8 N×H×W×C) and 'labels' (N), found "
+                               f"{list(f.keys())}")
+            img, lab = f["images"], f["labels"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError) as e:  # not an .npz, or pickled objects
+        raise DMDError(f"{path}: not an .npz of plain arrays ({str(e).splitlines()[0][:120]})") from None
     if img.dtype != np.uint8 or img.ndim != 4 or len(lab) != len(img):
         raise DMDError(f"{path}: 'images' must be uint8 N×H×W×C with one label each, got {img.dtype}{list(img.shape)}"
                            f" and {len(lab)} labels")
