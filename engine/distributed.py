@@ -100,7 +100,7 @@ def warmup_scheduler(opt, warm: int):
 def tensors_only(engine):
     """Makes a DeepSpeed engine read its checkpoint files as tensors only. DeepSpeed's own reader calls
     torch.load(weights_only=False), which runs whatever code a crafted file holds; this one uses weights_only=True
-    and allows just the two DeepSpeed classes that ZeRO-3's optimiser state holds."""
+    and allows just the DeepSpeed classes that ZeRO-3's optimiser state holds."""
     import pickle
 
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

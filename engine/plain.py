@@ -117,6 +117,6 @@ class PlainBackend(Backend):
         if problem:
             raise DMDError(f"--resume: the checkpoint in {path.parent} is damaged ({problem}) and a one-process run "
                            f"keeps no older one")
-        s = load_tensors(path, self.device)
+        s = load_tensors(path, "cpu")  # the RNG states must stay CPU tensors; load_state_dict moves the rest
         self._load_state_dict(s.pop("models"))
         return s

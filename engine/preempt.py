@@ -14,9 +14,15 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     def __init__(self):
         self.signal: str | None = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for s in SIGNALS:
-                signal.signal(s, self._on_signal)
+            self.previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
+
+    def release(self):
+        """Back to the handlers before: outside the loop (final save, samples) a signal stops the run at once."""
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous = {}
 
     def _on_signal(self, signum, frame):
         self.signal = signal.Signals(signum).name

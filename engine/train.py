@@ -132,17 +132,21 @@ def train_loop(cfg, models, trainer, feed, out: Path, max_steps: int, quiet: boo
                 grid = out / f"grid_step{trainer.step:06d}.png"
                 save_samples(out / f"samples_step{trainer.step:06d}.npz", x, lab, grid)
                 log.board.image("samples", grid, trainer.step)
-        if tc.save_every and trainer.step % tc.save_every == 0 and trainer.step < max_steps:
+        saved = tc.save_every and trainer.step % tc.save_every == 0 and trainer.step < max_steps
+        if saved:
             save()
         bar.update(1)
         if models.any_rank(stop.requested) and trainer.step < max_steps:
-            save()
+            if not saved:
+                save()
             bar.close()
+            stop.release()
             if models.is_main:
                 print(f"stopped by {stop.signal or 'a signal to another process'} after step {trainer.step}: "
                       f"checkpoint written; continue with --resume", flush=True)
             return False
     bar.close()
+    stop.release()
     return True
 
 

@@ -37,7 +37,7 @@ from .errors import DMDError
 from .faults import kill_hook
 from .files import load_tensors, resolve_path, write_digests
 from .kinds import load_teacher, model_kind
-from .tags import intact_tag, publish
+from .tags import intact_tag, latest_tag, publish
 from .text2image import load_text
 
 class ZeroBackend(Backend):
@@ -249,6 +249,8 @@ class ZeroBackend(Backend):
         root = out / "checkpoints"
         tag = f"step_{step:06d}"
         folder = root / tag
+        if latest_tag(root) == tag and (folder / f"checksums_rank{self.rank}.json").is_file():
+            return  # this step is saved and published already (a resume with nothing to train): never rewrite it
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(folder, ignore_errors=True)  # a partial folder of a killed save at this step
@@ -259,7 +261,8 @@ class ZeroBackend(Backend):
         tmp = folder / f".trainer_rank{self.rank}.pt.tmp"
         torch.save({**state, "ema": self.ema_parts}, tmp)  # EMA: this rank's partitions
         os.replace(tmp, folder / f"trainer_rank{self.rank}.pt")
-        mine = [*folder.glob(f"*/zero_pp_rank_{self.rank}_mp_rank_*"), folder / f"trainer_rank{self.rank}.pt"]
+        # DeepSpeed names the bf16 optimiser's files bf16_zero_pp_rank_<r>_...: the pattern takes both
+        mine = [*folder.glob(f"*/*zero_pp_rank_{self.rank}_mp_rank_*"), folder / f"trainer_rank{self.rank}.pt"]
         write_digests(folder, mine, f"checksums_rank{self.rank}.json")
         self.barrier()  # every rank's part is on disk before `latest` may name the tag
         if self.is_main:
@@ -278,7 +281,7 @@ class ZeroBackend(Backend):
                                                          load_lr_scheduler_states=True)
             if path is None:
                 raise DMDError(f"--resume: DeepSpeed could not load {folder / name}")
-        s = load_tensors(state, self.device)
+        s = load_tensors(state, "cpu")  # the RNG states must stay CPU tensors; the EMA is copied to its device
         self._load_ema(s.pop("ema", None), state)
         return s
 

@@ -111,7 +111,7 @@ class Denoiser(nn.Module):
             else:
                 net = getattr(diffusers, cls_name).from_config(unet_cfg)
                 net = net if dtype == torch.float32 else net.to(dtype)
-        except Exception as e:  # noqa: BLE001 - a corrupt or foreign folder: whatever diffusers or safetensors raise
+        except (OSError, ValueError, KeyError) as e:  # how diffusers and safetensors report a corrupt or foreign folder
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelFolderError(f"{folder}/unet cannot be loaded ({type(e).__name__}: {first[:200]})") from None
         kw = "class_labels" if cls_name == "UNet2DModel" else "encoder_hidden_states"

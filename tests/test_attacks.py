@@ -157,6 +157,19 @@ def test_infer_and_evaluate_bad_arguments_are_one_line(tmp_path):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
 
 
+def test_make_pairs_keeps_complete_pairs_and_refuses_to_replace_others(tmp_path, tiny_teacher_dir):
+    cfg, out = _cfg(tmp_path, tiny_teacher_dir), tmp_path / "run"
+    assert run("engine/make_pairs.py", "--config", str(cfg), "--out", str(out)).returncode == 0
+    files = {p: p.read_bytes() for p in sorted((out / "pairs").iterdir())}
+    r = run("engine/make_pairs.py", "--config", str(cfg), "--out", str(out))
+    assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
+    r = run("engine/make_pairs.py", "--config", str(cfg), "--out", str(out), "--set", "data.pair_steps=4")
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "'steps'" in r.stderr, r.stderr[-2000:]
+    assert {p: p.read_bytes() for p in sorted((out / "pairs").iterdir())} == files  # nothing lost
+    r = run("engine/make_pairs.py", "--config", str(cfg), "--out", str(out), "--set", "data.pair_steps=4", "--overwrite")
+    assert r.returncode == 0 and json.loads((out / "pairs" / "manifest.json").read_text())["steps"] == 4
+
+
 # --- pairs and checkpoints are verified before use ----------------------------------------------------------------
 def _toy_pairs(tmp_path):
     from engine.config import DataSection

@@ -178,3 +178,14 @@ def test_plain_run_uses_the_gpu_by_default(tmp_path, tiny_teacher_dir):
     assert s["device"] == "cuda" and s["steps"] == 4
     with np.load(out / "samples.npz") as f:
         assert f["images"].shape == (20, 8, 8, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_plain_run_on_the_gpu_resumes(tmp_path, tiny_teacher_dir):
+    """The checkpoint's RNG states must come back as CPU tensors even when the models live on the GPU."""
+    out, cfg = tmp_path / "run", _cfg(tmp_path, tiny_teacher_dir, sample_every=0)
+    r = run("engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet", "--max-steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet", "--resume")
+    assert r.returncode == 0 and "resumed at step 2" in r.stdout, r.stderr[-2000:]
