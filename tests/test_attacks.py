@@ -45,6 +45,30 @@ def test_bad_values_are_refused_at_load(override, message):
         load(ROOT / "configs" / "digits.json", DMDConfig, [override])
 
 
+def test_every_rule_refuses_something_and_accepts_the_default():
+    """Each key in engine/config.py's RULES rejects at least one value of its own type, and its default passes."""
+    import dataclasses
+    from engine.config import RULES, DMDConfig, DeepSpeedSection, ConfigError, check_values
+    sections = {type(getattr(DMDConfig(), f.name)).__name__: getattr(DMDConfig(), f.name)
+                for f in dataclasses.fields(DMDConfig) if dataclasses.is_dataclass(getattr(DMDConfig(), f.name))}
+    assert set(RULES) == set(sections), set(RULES) ^ set(sections)
+    bad = {int: [-1, 0, 2], float: [float("nan"), float("inf"), -1.0, 2.0], str: ["bogus"], list: [[1.5], []]}
+    for name, rules in RULES.items():
+        check_values(sections[name], name)  # the defaults are valid
+        for key in rules:
+            if key == "section":
+                continue
+            default = getattr(sections[name], key)
+            refused = 0
+            for v in bad[type(default)]:
+                try:
+                    check_values(dataclasses.replace(sections[name], **{key: v}), name)
+                except ConfigError:
+                    refused += 1
+            assert refused, f"{name}.{key} accepts every value tried"
+    assert DeepSpeedSection().zero_stage == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.batch_size=0"], "train.batch_size must be > 0"),
     (["--max-steps", "-3"], "--max-steps must be >= 0"),
