@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from .errors import DMDError
+from .files import load_tensors
 
 
 def import_deepspeed():
@@ -99,22 +100,15 @@ def warmup_scheduler(opt, warm: int):
 
 def tensors_only(engine):
     """Makes a DeepSpeed engine read its checkpoint files as tensors only. DeepSpeed's own reader calls
-    torch.load(weights_only=False), which runs whatever code a crafted file holds; this one uses weights_only=True
-    and allows just the DeepSpeed classes that ZeRO-3's optimiser state holds."""
-    import pickle
-
+    torch.load(weights_only=False), which runs whatever code a crafted file holds; this one is
+    files.load_tensors (weights_only=True), allowing just the DeepSpeed classes ZeRO-3's optimiser state holds."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum]
 
     def load(path, map_location=None):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DMDError(f"--resume: {path} cannot be read as tensors (refused, nothing in it was run): "
-                           f"{first[:200]}") from None
+        with torch.serialization.safe_globals(allowed):
+            return load_tensors(path, map_location)
 
     engine.checkpoint_engine.load = load
     return engine
