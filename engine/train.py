@@ -25,7 +25,7 @@ from engine.config import DMDConfig, load, to_dict
 from engine.errors import DMDError
 from engine.files import atomic_write_text
 from engine.losses import make_regression_loss
-from engine.pair_loader import check_loader, make_pair_feed
+from engine.pair_loader import make_pair_feed
 from engine.pairs import BatchSampler, PairReader, expected_manifest, write_pairs
 from engine.plots import plot_log
 from engine.runlog import RunLog
@@ -46,7 +46,6 @@ def parse_args():
 
 def check_config(cfg, args):
     """What can be refused before any work beyond the config's own value checks (engine/config.py)."""
-    check_loader(cfg.data.loader)
     tc = cfg.train
     if args.max_steps is not None and args.max_steps < 0:
         raise DMDError(f"--max-steps must be >= 0, got {args.max_steps}")
