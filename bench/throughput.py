@@ -5,7 +5,8 @@
 
 Kernel rows, per shape: `ms` per call (CUDA: median device time with L2 cleared before each call; CPU: wall time),
 `wall ms` (back-to-back calls, synchronised wall time over N calls: includes launch overhead), launches per call
-(torch.profiler device events on CUDA; n/a on CPU), the bytes that must move (each input read once, each output
+and the launched kernels' own summed device time (torch.profiler on CUDA, L2 cleared; n/a on CPU: the event-timed
+`ms` also counts gaps where the device waits for the host's launches), the bytes that must move (each input read once, each output
 written once: a lower bound, so GB/s is an effective bandwidth), GB/s and its fraction of this run's measured
 device copy bandwidth. Step rows: one generator update + one fake-score update (regression term off: it needs
 pairs and its LPIPS cost does not change with kernels), in samples/s, peak memory and, from one profiled step,
@@ -27,11 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {  # name -> (B, C, H, W)
-    "digits": (64, 1, 8, 8),
+SHAPES = {  # name -> (B, C, H, W); the targets' shapes first, so a run cut short has measured them
+    "imagenet64": (256, 3, 64, 64),
     "sd15-latent": (32, 4, 64, 64),
     "sdxl-latent": (8, 4, 128, 128),
-    "imagenet64": (256, 3, 64, 64),
+    "digits": (64, 1, 8, 8),
 }
 
 
@@ -46,7 +47,15 @@ def args_():
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile column and row")
     p.add_argument("--no-step", action="store_true", help="kernel rows only")
     p.add_argument("--no-kernels", action="store_true", help="training-step rows only")
-    return p.parse_args()
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"kernel-row shapes, comma-separated (default all: "
+                   f"{', '.join(f'{k} {v}' for k, v in SHAPES.items())})")
+    a = p.parse_args()
+    a.shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
+    unknown = [s for s in a.shapes if s not in SHAPES]
+    if unknown or not a.shapes:
+        p.error(f"--shapes: unknown shape {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"choose from {', '.join(SHAPES)}")
+    return a
 
 
 ARGS = args_()
@@ -89,14 +98,21 @@ def device_time(fn) -> float:
 
 
 def launches(fn):
+    """(device kernels launched by one call, their summed device time in ms) from torch.profiler, L2 cleared first.
+    The event-timed `ms` column also holds the gaps in which the device waits for the host to launch; the
+    kernels' own time is what the bandwidth target is about. CPU: ("n/a", None)."""
     if not CUDA:
-        return "n/a"
+        return "n/a", None
     from torch.profiler import ProfilerActivity, profile
+    flush = torch.empty(64 << 20, dtype=torch.int32, device=DEV)  # 256 MB, larger than any L2
+    fn()  # warm: allocator and autotune caches
+    flush.zero_()
     sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(ev), sum(e.time_range.elapsed_us() for e in ev) / 1e3
 
 
 def step_profile(step) -> dict:
@@ -178,7 +194,8 @@ def kernel_cases(shape, dtype):
 
 def kernel_rows(copy_gbs, dtype, iters):
     rows = []
-    for name, shape in SHAPES.items():
+    for name in ARGS.shapes:
+        shape = SHAPES[name]
         for op, nbytes, impls in kernel_cases(shape, dtype):
             eager_ms = eager_wall = None
             for impl, fn in impls.items():
@@ -189,9 +206,12 @@ def kernel_rows(copy_gbs, dtype, iters):
                     n_it = max(1, iters if (CUDA or impl != "triton") else min(iters, 2))
                     wall = timeit(fn, n_it, warmup=2 if CUDA or impl != "triton" else 1)
                     sec = device_time(fn) or wall
+                    n_launch, kernel_ms = launches(fn)
                     row = {"shape": name, "dims": list(shape), "op": op, "impl": impl, "ms": sec * 1e3,
-                           "wall_ms": wall * 1e3, "launches": launches(fn), "bytes": nbytes, "gb_s": nbytes / sec / 1e9}
+                           "wall_ms": wall * 1e3, "launches": n_launch, "kernel_ms": kernel_ms, "bytes": nbytes,
+                           "gb_s": nbytes / sec / 1e9}
                     row["frac_copy_bw"] = row["gb_s"] / copy_gbs
+                    row["kernel_frac_copy_bw"] = nbytes / (kernel_ms / 1e3) / 1e9 / copy_gbs if kernel_ms else None
                     if impl == "eager":
                         eager_ms, eager_wall = row["ms"], row["wall_ms"]
                     row["speedup_vs_eager"] = eager_ms / row["ms"] if eager_ms else None
@@ -207,9 +227,11 @@ def fmt_kernel(r):
     if "error" in r:
         return f"| {r['shape']} | {r['op']} | {r['impl']} | error: {r['error']} | | | | | | | |"
     x = lambda v: f"{v:.2f}x" if v else "n/a"  # noqa: E731
+    opt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     return (f"| {r['shape']} | {r['op']} | {r['impl']} | {r['ms']:.3f} | {x(r['speedup_vs_eager'])} | "
             f"{r['wall_ms']:.3f} | {x(r['wall_speedup_vs_eager'])} | {r['launches']} | "
-            f"{r['bytes'] / 1e6:.2f} | {r['gb_s']:.2f} | {r['frac_copy_bw']:.1%} |")
+            f"{r['bytes'] / 1e6:.2f} | {r['gb_s']:.2f} | {r['frac_copy_bw']:.1%} | {opt(r['kernel_ms'], '.3f')} | "
+            f"{opt(r['kernel_frac_copy_bw'], '.1%')} |")
 
 
 # --- full training step ----------------------------------------------------------------------------------
@@ -265,9 +287,10 @@ def step_rows(iters):
     # compile scope: None (eager modules), the generator alone, or all three networks (engine/compile.py)
     variants = [("eager", "eager", None), ("kernels", "triton", None), ("kernels+compile", "triton", "generator"),
                 ("kernels+compile(all)", "triton", "all")]
-    models = [("digits", digits_models, None)]
-    models.append(("sd15-unet-bf16", sd15_trainer, None) if CUDA else
-                  ("sd15-unet-bf16", None, "skipped: SD1.5 needs a GPU and no GPU was used in this run"))
+    # SD1.5 first: on a time-limited GPU machine the rows that matter most are measured before a cut-off
+    models = [("sd15-unet-bf16", sd15_trainer, None) if CUDA else
+              ("sd15-unet-bf16", None, "skipped: SD1.5 needs a GPU and no GPU was used in this run"),
+              ("digits", digits_models, None)]
     for model, build, skip in models:
         eager_sps = None
         for name, kernels, comp in variants:
@@ -375,7 +398,7 @@ def main():
                                   "l2_mb": getattr(p, "L2_cache_size", 0) / 1e6, "capability": f"{p.major}.{p.minor}"}
     if not ARGS.no_kernels:
         print("| shape | op | impl | ms | vs eager | wall ms | wall vs eager | launches | MB moved (min) | GB/s | "
-              "of copy BW |\n|---|---|---|---|---|---|---|---|---|---|---|")
+              "of copy BW | kernels' ms | kernels' share of copy BW |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         kernel_rows(copy_gbs, dtype, iters)
     if not ARGS.no_step:
         print("\n| model | variant | samples/s | vs eager | ms/step | peak mem GB | kernels / syncs / copies per step "

@@ -45,6 +45,13 @@ class CompiledModule:
         self.cuda_graphs = device.type == "cuda" and self.mode in ("reduce-overhead", "max-autotune")
         self.error: str | None = None
         self._probed: set = set()  # input signatures whose backward compiled fine
+        # Lookup tables a module caches per device (the noise schedule's) are built here, eagerly: built inside the
+        # first compiled call they would be outputs of a CUDA graph, overwritten by its next replay.
+        param = next(module.parameters(), None)
+        for sub in module.modules():
+            tables = getattr(getattr(sub, "schedule", None), "tables", None)
+            if callable(tables):
+                tables(param.device if param is not None else device)
         try:
             self.compiled = torch.compile(module, mode=self.mode if backend == "inductor" else None,
                                           backend=backend, dynamic=False)

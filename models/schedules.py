@@ -60,6 +60,8 @@ class NoiseSchedule:
     # --- lookups --------------------------------------------------------------------------------
     def tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one entry
+            device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._tables:
             self._tables[device] = tuple(v.to(device) for v in (self.alpha, self.sigma, self.net_time))
         return self._tables[device]

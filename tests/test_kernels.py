@@ -259,6 +259,20 @@ print("ok")
 
 
 # --- engine integration ------------------------------------------------------------------------------------------
+@pytest.fixture
+def exact_cuda():
+    """Two trainers compared on a GPU must see the same convolutions: cuDNN's default algorithms may be
+    non-deterministic (atomics in weight gradients) and use TF32, so a comparison measures cuDNN, not the hot path."""
+    if not CUDA:
+        yield
+        return
+    b = torch.backends
+    saved = b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
+    b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = True, False, False, False
+    yield
+    b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
+
+
 def _trainer(teacher_dir, kernels, device="cpu", **train):
     from engine.plain import PlainBackend
     from engine.config import DMDConfig, parse
@@ -270,7 +284,7 @@ def _trainer(teacher_dir, kernels, device="cpu", **train):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_trainer_triton_path_matches_eager(tiny_teacher_dir, guidance, device):
+def test_trainer_triton_path_matches_eager(tiny_teacher_dir, guidance, device, exact_cuda):
     eager = _trainer(tiny_teacher_dir, "eager", device, real_guidance=guidance)
     # on CUDA the default ("auto") must pick the kernels; on CPU they are asked for (interpreter)
     fused = _trainer(tiny_teacher_dir, "auto" if device == "cuda" else "triton", device, real_guidance=guidance)
@@ -287,7 +301,7 @@ def test_trainer_triton_path_matches_eager(tiny_teacher_dir, guidance, device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("scope", ["generator", "all"])
-def test_trainer_compile_on_cuda_is_active_and_matches_eager(tiny_teacher_dir, scope):
+def test_trainer_compile_on_cuda_is_active_and_matches_eager(tiny_teacher_dir, scope, exact_cuda):
     """On a GPU torch.compile must really compile (no fallback), and agree with eager (fp32, tolerance 1e-3)."""
     eager = _trainer(tiny_teacher_dir, "eager", "cuda", real_guidance=2.0)
     comp = _trainer(tiny_teacher_dir, "eager", "cuda", real_guidance=2.0, compile=True, compile_scope=scope)
@@ -422,3 +436,21 @@ def test_trainer_compile_on_cpu_is_active_and_matches_eager(tiny_teacher_dir):
         assert lc[k] == pytest.approx(le[k], rel=1e-3, abs=1e-6), k
     for pe, pc in zip(eager.m.generator.parameters(), comp.m.generator.parameters()):
         torch.testing.assert_close(pc, pe, rtol=1e-3, atol=1e-5)
+
+
+def test_compiled_module_builds_schedule_tables_before_compiling(tiny_teacher_dir, monkeypatch):
+    """Built inside the first compiled call, the schedule's device tables would be outputs of a CUDA graph that
+    its next replay overwrites (seen on an H200 with compile_scope "all"): they must exist before torch.compile."""
+    from engine.compile import CompiledModule
+    seen = {}
+
+    def record(module, **kw):
+        seen["tables"] = dict(module.denoiser.schedule._tables)
+        return module
+
+    trainer = _trainer(tiny_teacher_dir, "eager")
+    gen = trainer.m.generator
+    gen.denoiser.schedule._tables.clear()
+    monkeypatch.setattr(torch, "compile", record)
+    CompiledModule(gen, "default", "cpu")
+    assert list(seen["tables"]) == [torch.device("cpu")]
