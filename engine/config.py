@@ -43,6 +43,8 @@ class DataSection:
     pair_seed: int = 1_000_000        # pair i uses noise seed pair_seed + i
     shard_size: int = 1000            # pairs per .npy shard
     pair_batch_size: int = 250
+    pair_dtype: str = "float32"       # pair storage: "float32", "bfloat16" or "float16" (half the disk; both feeds
+                                      # convert back to float32); recorded in the manifest
     loader: str = "auto"              # pairs to the step: "numpy", "dali" (NVIDIA DALI, reads and copies ahead),
                                       # "auto" = dali on CUDA when installed, else numpy (engine/pair_loader.py)
 
@@ -51,6 +53,8 @@ class DataSection:
 class TrainSection:
     batch_size: int = 64              # generator samples per DM step
     reg_batch_size: int = 32          # pairs per regression step
+    micro_batch_size: int = 0         # samples per forward per process; batch_size and reg_batch_size stay the
+                                      # global batch of one update, accumulated over micro-batches (0 = all at once)
     max_steps: int = 1000
     lr_generator: float = 2e-5
     lr_fake: float = 2e-5
@@ -74,6 +78,7 @@ class TrainSection:
     seed: int = 0
     log_every: int = 25
     sample_every: int = 250           # sample grid PNG every N steps (0 = off)
+    sample_count: int = 0             # images in each of those grids (0 = 16 for text models, 100 otherwise)
     save_every: int = 500             # checkpoint every N steps (0 = only at the end)
     threads: int = 0                  # torch CPU threads (0 = torch's default)
     device: str = "auto"              # one-process engine: "auto" (cuda when available, else cpu), "cuda", "cpu";
@@ -141,8 +146,10 @@ RULES = {
     "DataSection": {"dataset": _choice("digits", "toy2d", "prompts"), "resolution": POS, "num_pairs": POS,
                     "pair_sampler": SAMPLERS, "pair_steps": POS, "pair_guidance": FINITE_NONNEG,
                     "pair_seed": NONNEG, "shard_size": POS, "pair_batch_size": POS,
-                    "loader": _choice("auto", "numpy", "dali")},
-    "TrainSection": {"batch_size": POS, "reg_batch_size": POS, "max_steps": NONNEG, "lr_generator": FINITE_POS,
+                    "loader": _choice("auto", "numpy", "dali"),
+                    "pair_dtype": _choice("float32", "bfloat16", "float16")},
+    "TrainSection": {"batch_size": POS, "reg_batch_size": POS, "micro_batch_size": NONNEG, "sample_count": NONNEG,
+                     "max_steps": NONNEG, "lr_generator": FINITE_POS,
                      "lr_fake": FINITE_POS, "betas": BETAS, "weight_decay": FINITE_NONNEG,
                      "fake_updates_per_generator": POS, "fake_warmup_steps": NONNEG,
                      "fake_score": _choice("learned", "none"), "fake_loss_weighting": _choice("native", "x0"),
