@@ -43,6 +43,16 @@ def process_peak_mib(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def dtype_choice(choice: str, key: str, device: torch.device) -> torch.dtype:
+    """deepspeed.precision and deepspeed.teacher_dtype, read by both backends: "auto" = bf16 on a GPU, fp32
+    elsewhere. Trained models keep fp32 master weights either way; bf16 is their compute dtype."""
+    if choice == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if choice not in ("fp32", "bf16"):
+        raise DMDError(f"deepspeed.{key} must be auto, fp32 or bf16, got '{choice}'")
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
 @contextlib.contextmanager
 def eval_mode(module):
     """`module` in eval mode for the block, then back in the mode it was in."""
@@ -60,6 +70,7 @@ class Backend(abc.ABC):
     name: str                     # summary.json's "engine"
     rank, world_size = 0, 1
     text = None                   # engine.text2image.TextToImage for latent text-to-image kinds
+    partitioned = False           # models split over processes (no process holds a whole one)
 
     # --- conditions and samples ------------------------------------------------------------------------
     # Conditions are drawn as integers: class labels, or for text models prompt indices, which `condition`
@@ -89,9 +100,14 @@ class Backend(abc.ABC):
 
     # --- updates: the trainer calls backward, then step or discard, per trained model ------------------
     @abc.abstractmethod
-    def backward(self, name: str, loss: torch.Tensor) -> float:
-        """Gradients of `loss` for "generator" or "fake"; returns their global norm before clipping (over all
-        processes). Nothing is applied until step(name); discard(name) drops them instead."""
+    def backward(self, name: str, loss: torch.Tensor):
+        """Adds the gradients of `loss` to the pending ones of "generator" or "fake": one call per micro-batch of
+        an update. Nothing is applied until step(name); discard(name) drops them instead."""
+
+    @abc.abstractmethod
+    def grad_norm(self, name: str):
+        """Global norm of the pending gradients of `name` before clipping (over all processes): a float, or a
+        0-d tensor the trainer reads together with the step's other scalars."""
 
     def step(self, name: str):
         """Applies the pending update of `name` (clipped); after a generator update, moves the EMA."""
@@ -122,9 +138,14 @@ class Backend(abc.ABC):
     def barrier(self):
         pass
 
+    autocast_on = False  # set by a backend when any model computes in bf16
+
     def autocast(self):
-        """The precision context of a training step and of sampling."""
-        return contextlib.nullcontext()
+        """The precision context of a training step and of sampling: bf16 autocast (GPU or CPU) when any model
+        is bf16 (its parameters then meet fp32 inputs), else a no-op."""
+        if not self.autocast_on:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @abc.abstractmethod
     def lrs(self) -> dict:
@@ -193,8 +214,14 @@ class Backend(abc.ABC):
 
     # --- pairs and shutdown -------------------------------------------------------------------------------
     def whole_teacher(self):
-        """(teacher, text) held whole on this process, for making regression pairs."""
-        return self.teacher, self.text
+        """(teacher, text) whole on this process's device in fp32, for making regression pairs: the pairs are
+        the same bytes whichever backend, precision or entry point (engine/make_pairs.py) makes them."""
+        if not self.partitioned and all(p.dtype == torch.float32 for p in self.teacher.parameters()):
+            return self.teacher, self.text
+        from .kinds import load_teacher
+        from .text2image import load_text
+        teacher = load_teacher(self.cfg)[0].to(self.device)
+        return teacher, load_text(self.cfg, teacher, self.device)
 
     def close(self):
         pass

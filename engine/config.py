@@ -96,8 +96,9 @@ class DeepSpeedSection:
     enabled: bool = False             # true: DeepSpeed ZeRO-3 engine (also with one process); false: plain PyTorch
     zero_stage: int = 3               # only 3 (parameters, gradients and optimiser state partitioned)
     backend: str = "auto"             # torch.distributed backend: "auto" = nccl on GPUs, gloo on CPU
-    precision: str = "auto"           # "auto" = bf16 compute + fp32 master weights on GPU, fp32 on CPU; "fp32"; "bf16"
-    teacher_dtype: str = "auto"       # frozen teacher: "auto" = bf16 on GPU, fp32 on CPU; "fp32"; "bf16"
+    precision: str = "auto"           # both backends: "auto" = bf16 compute + fp32 master weights on GPU, fp32 on
+                                      # CPU; "fp32"; "bf16" (also on CPU)
+    teacher_dtype: str = "auto"       # frozen teacher, both backends: "auto" = bf16 on GPU, fp32 on CPU; "fp32"; "bf16"
     offload_params: bool = False      # ZeRO-3 parameter partitions in CPU memory
     offload_optimizer: bool = False   # optimiser state and fp32 master weights in CPU memory
     gradient_checkpointing: bool = False  # recompute generator / fake-score activations in backward

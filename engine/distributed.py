@@ -47,14 +47,6 @@ def init_distributed(backend: str = "auto"):
     return deepspeed
 
 
-def dtype_choice(choice: str, key: str) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if choice not in ("fp32", "bf16"):
-        raise DMDError(f"deepspeed.{key} must be auto, fp32 or bf16, got '{choice}'")
-    return torch.bfloat16 if choice == "bf16" else torch.float32
-
-
 def ds_config(cfg, world: int, dtype: torch.dtype, trainable: bool) -> dict:
     dc, tc = cfg.deepspeed, cfg.train
     zero = {"stage": 3, "stage3_param_persistence_threshold": dc.persistence_threshold,

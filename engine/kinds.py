@@ -21,10 +21,29 @@ from .errors import DMDError
 from .files import resolve_path
 
 
-def _folder_teacher(cfg) -> tuple[Denoiser, str]:
+SINGLE_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def teacher_folder(cfg) -> Path:
+    """model.teacher as a diffusers folder, or one line saying what it is instead (checked before any work)."""
     if not cfg.model.teacher:
         raise DMDError("model.teacher is empty: set it to the teacher's diffusers folder")
     folder = resolve_path(cfg.model.teacher)
+    if folder.is_file():
+        hint = ""
+        if folder.suffix in SINGLE_FILE:
+            hint = (f"; for a Stable Diffusion checkpoint, make one with diffusers' own conversion: python -c "
+                    f"\"from diffusers import StableDiffusionPipeline as P; "
+                    f"P.from_single_file('{folder}').save_pretrained('{folder.with_suffix('')}')\"")
+        raise DMDError(f"model.teacher '{folder}' is a single file; the engine needs a diffusers folder "
+                       f"(unet/, scheduler/ and, for text models, text_encoder/, tokenizer/, vae/){hint}")
+    if not folder.is_dir():
+        raise DMDError(f"model.teacher: folder '{folder}' not found")
+    return folder
+
+
+def _folder_teacher(cfg) -> tuple[Denoiser, str]:
+    folder = teacher_folder(cfg)
     return Denoiser.from_pretrained(folder), weights_hash(folder)
 
 

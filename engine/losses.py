@@ -7,6 +7,7 @@ RegressionLoss              LPIPS (images) or MSE (toy) between G(z_ref) and the
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,17 @@ def lpips_backbone_path(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
 
 
+def check_regression_loss(tc):
+    """Refuses, before any work, a regression loss that cannot be built here (a pretrained LPIPS backbone
+    missing from the torch cache), so a run does not make its pairs first and fail after."""
+    if tc.reg_weight > 0 and tc.regression_loss == "lpips" and tc.lpips_backbone == "pretrained" \
+            and not lpips_backbone_path(tc.lpips_net).is_file():
+        raise FileNotFoundError(
+            f"LPIPS needs the pretrained {tc.lpips_net} backbone at {lpips_backbone_path(tc.lpips_net)} and it is not "
+            f"there (no download is possible); copy it into the torch cache, or set "
+            f"\"train\": {{\"lpips_backbone\": \"random\"}} for a test run")
+
+
 class LPIPSRegression(nn.Module):
     """LPIPS(x, y) per sample, for images in [-1, 1] with 1 or 3 channels (resized to `size` first).
 
@@ -71,11 +83,8 @@ class LPIPSRegression(nn.Module):
             raise ValueError(f"lpips_net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got '{net}'")
         if backbone not in ("pretrained", "random"):
             raise ValueError(f"lpips_backbone must be 'pretrained' or 'random', got '{backbone}'")
-        if backbone == "pretrained" and not lpips_backbone_path(net).is_file():
-            raise FileNotFoundError(
-                f"LPIPS needs the pretrained {net} backbone at {lpips_backbone_path(net)} and it is not there "
-                f"(no download is possible); copy it into the torch cache, or set "
-                f"\"train\": {{\"lpips_backbone\": \"random\"}} for a test run")
+        check_regression_loss(SimpleNamespace(reg_weight=1, regression_loss="lpips", lpips_backbone=backbone,
+                                              lpips_net=net))
         import warnings
 
         import lpips

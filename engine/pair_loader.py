@@ -5,6 +5,9 @@
            source) and DALI moves them to the GPU, `depth` batches ahead, so the step never waits on disk or
            on a host-to-device copy. On the CPU (device_id=None) it runs the same pipeline without the copy.
 
+Pairs stored in 16 bits (data.pair_dtype) travel as stored and become float32 at the end: numpy converts in
+PairReader.batch; DALI converts inside its pipeline, after the copy to the GPU, so the copy moves half the bytes.
+
 Both hand out the same batches in the same order: batch k is BatchSampler.at(k), a pure function of k, so
 reading ahead never moves the position a checkpoint records (the batches consumed).
 """
@@ -40,7 +43,17 @@ class _ShardSource:
         if self.reader is None:
             self.reader, self.sampler = PairReader(self.folder, verify=False), BatchSampler(*self.sampler_args)
         idx = rank_slice(self.sampler.at(self.first + info.iteration), self.rank, self.world)
-        return tuple(t.numpy() for t in self.reader.batch(idx))  # dense (B, ...) arrays: one batch each
+        return self.reader.raw_batch(idx)  # dense (B, ...) arrays as stored: one batch each
+
+
+def _to_float32(x, stored: str):
+    """A DALI node of stored pair values as float32. DALI has no bfloat16: its 16 bits are the top half of a
+    float32, so widen to uint32, shift them up (x 65536) and reinterpret the bits, exactly as numpy's path does."""
+    from nvidia.dali import fn, types
+    if stored == "bfloat16":
+        return fn.reinterpret(fn.cast(x, dtype=types.UINT32) * types.Constant(65536, dtype=types.UINT32),
+                              dtype=types.FLOAT)
+    return x if stored == "float32" else fn.cast(x, dtype=types.FLOAT)
 
 
 class DaliFeed:
@@ -53,13 +66,16 @@ class DaliFeed:
         self.sampler, self.device = sampler, torch.device(device)
         gpu = self.device.type == "cuda"
         source = _ShardSource(reader.folder, (sampler.n, sampler.bs, sampler.seed), sampler.consumed, rank, world)
+        stored = reader.dtype
+        kind = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.UINT16}[stored]
 
         @pipeline_def(batch_size=sampler.bs // world, num_threads=2, prefetch_queue_depth=depth, py_num_workers=1,
                       py_start_method="spawn", device_id=(self.device.index or 0) if gpu else None)
         def pipe():
             outs = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True, parallel=True,
-                                      dtype=[types.FLOAT, types.FLOAT, types.INT64])
-            return tuple(o.gpu() if gpu else o for o in outs)
+                                      dtype=[kind, kind, types.INT64])
+            z, y, label = (o.gpu() if gpu else o for o in outs)
+            return _to_float32(z, stored), _to_float32(y, stored), label
 
         self.pipe = pipe()
         self.pipe.build()

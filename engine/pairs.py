@@ -1,93 +1,29 @@
 """Precomputed regression pairs (z, y = teacher_ODE(z)): a reader-neutral on-disk format.
 
 A pairs folder holds plain .npy shards, so any reader (numpy, DALI's numpy reader, memmap) can use them:
-    shard_00000.z.npy      (n, *shape)  float32   the unit noise the sampler started from
-    shard_00000.y.npy      (n, *shape)  float32   the teacher's deterministic ODE output
-    shard_00000.label.npy  (n,)         int64     class label, or prompt index (text models)
+    shard_00000.z.npy      (n, *shape)  pair_dtype  the unit noise the sampler started from
+    shard_00000.y.npy      (n, *shape)  pair_dtype  the teacher's deterministic ODE output
+    shard_00000.label.npy  (n,)         int64       class label, or prompt index (text models)
+    shard_00000.json       the shard's record: its parts' sizes and sha256, and which job made it
     manifest.json          teacher weights hash, sampler, steps, guidance, shapes, dtype, count, seeds, shards
                            (each with its size and sha256, checked when a reader opens the folder)
+pair_dtype (data.pair_dtype, the manifest's "dtype"): float32, float16, or bfloat16 stored as uint16 (the top
+16 bits of the float32 value; numpy has no bfloat16); readers get float32 back either way.
 Pair i's noise is drawn from torch.Generator().manual_seed(seed + i), so any pair can be remade alone and
-shards can be made in parallel anywhere. The manifest is written last: a folder without one is incomplete.
+shards can be made in parallel anywhere: engine/pairs_job.py makes them, on one process or many, and continues
+a job that was killed. The manifest is written last: a folder without one is incomplete.
 """
 from __future__ import annotations
 
-import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from models.samplers import nfe, sample
 
 from .errors import PairsError
-from .files import file_digest
-from .text2image import condition_count
-
-FORMAT = "dmd-pairs/1"
-PARTS = ("z", "y", "label")
-
-
-def noise_for(indices, shape, seed: int) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + int(i))) for i in indices])
-
-
-def labels_for(indices, num_classes: int | None) -> torch.Tensor:
-    return torch.as_tensor([int(i) % num_classes if num_classes else 0 for i in indices], dtype=torch.long)
-
-
-def expected_manifest(teacher_hash: str, dc, shape, num_classes, text=None) -> dict:
-    """The manifest fields that must match for a pairs folder to be usable with this teacher and config.
-    Text models (engine.text2image.TextToImage): label i is prompt i, and the prompt list is pinned by hash."""
-    man = {"format": FORMAT, "teacher_hash": teacher_hash, "sampler": dc.pair_sampler, "steps": dc.pair_steps,
-           "nfe": nfe(dc.pair_sampler, dc.pair_steps), "guidance": dc.pair_guidance, "shape": list(shape),
-           "dtype": "float32", "count": dc.num_pairs, "seed": dc.pair_seed, "num_classes": num_classes}
-    if text is not None:
-        man["prompts_hash"] = text.prompts_hash
-    return man
-
-
-def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, text=None) -> Path:
-    """Run the teacher's sampler on seeded noise and write shards + manifest.json into `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").unlink(missing_ok=True)
-    shape = tuple(teacher.sample_shape)
-    num = condition_count(teacher, text)
-    man = expected_manifest(teacher_hash, dc, shape, num, text)
-    dev = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
-    man["shards"] = []
-    bar = tqdm(total=dc.num_pairs, desc=f"pairs ({dc.pair_sampler} x{dc.pair_steps})", disable=not progress,
-               dynamic_ncols=True)
-    for k, start in enumerate(range(0, dc.num_pairs, dc.shard_size)):
-        idx = list(range(start, min(start + dc.shard_size, dc.num_pairs)))
-        z, lab = noise_for(idx, shape, dc.pair_seed), labels_for(idx, num)
-        ys = []
-        for b in range(0, len(idx), dc.pair_batch_size):
-            sl = slice(b, b + dc.pair_batch_size)
-            cond = (text.embed(lab[sl]) if text is not None else lab[sl].to(dev)) if num else None
-            ys.append(sample(teacher, z[sl].to(dev), cond, dc.pair_sampler, dc.pair_steps, dc.pair_guidance).cpu())
-            bar.update(len(ys[-1]))
-        arrays = {"z": z.numpy().astype(np.float32), "y": torch.cat(ys).numpy().astype(np.float32),
-                  "label": lab.numpy().astype(np.int64)}
-        entry = {"start": start, "count": len(idx)}
-        for part, arr in arrays.items():
-            name = f"shard_{k:05d}.{part}.npy"
-            tmp = folder / f".{name}.tmp"
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr)
-            os.replace(tmp, folder / name)
-            entry[part] = name
-            digest = file_digest(folder / name)
-            entry[part + "_bytes"], entry[part + "_sha256"] = digest["bytes"], digest["sha256"]
-        man["shards"].append(entry)
-    bar.close()
-    tmp = folder / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(man, indent=2))
-    os.replace(tmp, folder / "manifest.json")
-    return folder
+from .pairs_job import (FORMAT, PARTS, STORAGE, decode, expected_manifest, labels_for, noise_for,  # noqa: F401
+                        part_problem, write_pairs)
 
 
 class PairReader:
@@ -110,13 +46,16 @@ class PairReader:
                 raise PairsError(f"{mpath}: '{key}' is {have!r} but this run expects {want!r} "
                                  f"(delete the folder to remake the pairs, or point data.pairs_dir elsewhere)")
         self.verify = verify
+        self.dtype = self.manifest.get("dtype", "float32")
+        if self.dtype not in STORAGE:
+            raise PairsError(f"{mpath}: unknown pair dtype {self.dtype!r} (expected one of {', '.join(STORAGE)})")
         arrays = {p: [] for p in PARTS}
         total = 0
         try:
-            shape = tuple(self.manifest["shape"])
+            shape, stored = tuple(self.manifest["shape"]), STORAGE[self.dtype]
             for entry in self.manifest["shards"]:
                 n = entry["count"]
-                for part, want_shape, dtype in (("z", (n, *shape), np.float32), ("y", (n, *shape), np.float32),
+                for part, want_shape, dtype in (("z", (n, *shape), stored), ("y", (n, *shape), stored),
                                                  ("label", (n,), np.int64)):
                     arrays[part].append(self._open(entry, part, want_shape, dtype))
                 total += n
@@ -128,31 +67,25 @@ class PairReader:
 
     def _open(self, entry, part, want_shape, dtype):
         path = self.folder / entry[part]
-        if not path.is_file():
-            raise PairsError(f"pair shard '{path}' is missing")
-        size = path.stat().st_size
-        if size != entry.get(part + "_bytes", size):
-            raise PairsError(f"pair shard '{path}' is {size} bytes, the manifest says {entry[part + '_bytes']} "
-                             f"(truncated or replaced)")
-        if self.verify and part + "_sha256" in entry and file_digest(path)["sha256"] != entry[part + "_sha256"]:
-            raise PairsError(f"pair shard '{path}' does not match the manifest's checksum (changed after it was "
-                             f"written); delete the pairs folder to remake it")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except Exception as e:  # numpy says 'mmap length is greater than file size' etc.
-            raise PairsError(f"pair shard '{path}' cannot be read ({e})") from None
-        if arr.shape != want_shape or arr.dtype != dtype:
-            raise PairsError(f"pair shard '{path}' holds {arr.dtype}{list(arr.shape)}, expected "
-                             f"{np.dtype(dtype)}{list(want_shape)}")
-        return arr
+        problem = part_problem(path, entry.get(part + "_bytes"), entry.get(part + "_sha256") if self.verify else None,
+                               want_shape, dtype)
+        if problem:
+            raise PairsError(f"pair shard '{path}' {problem}; engine/make_pairs.py --overwrite remakes the damaged "
+                             f"shards and keeps the intact ones")
+        return np.load(path, mmap_mode="r")
 
     def __len__(self):
         return len(self.label)
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def raw_batch(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """z, y as stored (self.dtype) and labels: for a feed that converts them itself (the DALI feed)."""
         idx = np.asarray(indices)
-        return (torch.from_numpy(np.ascontiguousarray(self.z[idx])), torch.from_numpy(np.ascontiguousarray(self.y[idx])),
-                torch.from_numpy(np.ascontiguousarray(self.label[idx])))
+        return tuple(np.ascontiguousarray(a[idx]) for a in (self.z, self.y, self.label))
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z, y, label = self.raw_batch(indices)
+        return (torch.from_numpy(decode(z, self.dtype)), torch.from_numpy(decode(y, self.dtype)),
+                torch.from_numpy(label))
 
 
 class BatchSampler:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .backend import Backend, adamw
+from .backend import Backend, adamw, dtype_choice
 from .errors import DMDError
 from .files import damaged, load_tensors, recover_swapped, swap_in, write_digests
 from .kinds import load_teacher, model_kind
@@ -37,34 +37,49 @@ class PlainBackend(Backend):
         """teacher: (Denoiser, hash) built by the caller instead of loaded from cfg.model (benchmarks)."""
         tc = cfg.train
         self.cfg, self.device, self.kind = cfg, torch.device(device), model_kind(cfg.model.kind)
+        dc = cfg.deepspeed  # the precision switches are shared with the ZeRO-3 backend
+        self.dtype = dtype_choice(dc.precision, "precision", self.device)
+        self.teacher_dtype = dtype_choice(dc.teacher_dtype, "teacher_dtype", self.device)
+        self.autocast_on = torch.bfloat16 in (self.dtype, self.teacher_dtype)
         self.teacher, self.teacher_hash = teacher or load_teacher(cfg)
         self.teacher.to(self.device).eval().requires_grad_(False)
-        self.text = load_text(cfg, self.teacher, self.device)  # before the copies: they share its null condition
+        # before the copies: they share its null condition
+        self.text = load_text(cfg, self.teacher, self.device, self.teacher_dtype)
+        # the copies are made from the fp32 teacher: their weights are the fp32 masters, bf16 only under autocast
         self.generator, self.fake = self.kind.trainables(cfg, self.teacher)
-        self.generator.to(self.device).train().requires_grad_(True)
-        self.fake.to(self.device).train().requires_grad_(True)
+        self.generator.to(self.device, torch.float32).train().requires_grad_(True)
+        self.fake.to(self.device, torch.float32).train().requires_grad_(True)
+        self.teacher.to(self.teacher_dtype)
         self.opt = {"generator": adamw(self.generator.parameters(), tc.lr_generator, tc),
                     "fake": adamw(self.fake.parameters(), tc.lr_fake, tc)}
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval() if tc.ema_decay > 0 else None
+        self._pending: set[str] = set()  # models with gradients accumulated for the update in progress
 
     def _model(self, name: str):
         return self.generator if name == "generator" else self.fake
 
-    def backward(self, name: str, loss) -> float:
-        self.opt[name].zero_grad(set_to_none=True)
+    def backward(self, name: str, loss):
+        if name not in self._pending:  # the first micro-batch of an update starts from no gradients
+            self.opt[name].zero_grad(set_to_none=True)
+            self._pending.add(name)
         loss.backward()
-        params = [p for p in self._model(name).parameters() if p.grad is not None]
-        if not params:
-            return 0.0
-        if self.cfg.train.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
-        return float(torch.norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+    def _grads(self, name: str):
+        return [p for p in self._model(name).parameters() if p.grad is not None]
+
+    def grad_norm(self, name: str):
+        params = self._grads(name)  # a device tensor: the trainer reads all of a step's scalars at once
+        return torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else 0.0
 
     def _apply(self, name: str):
+        if self.cfg.train.grad_clip > 0 and self._grads(name):
+            torch.nn.utils.clip_grad_norm_(self._grads(name), self.cfg.train.grad_clip)
         self.opt[name].step()
+        self._pending.discard(name)
 
     def discard(self, name: str):
         self.opt[name].zero_grad(set_to_none=True)
+        self._pending.discard(name)
 
     def lrs(self) -> dict:
         return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.opt.items()}

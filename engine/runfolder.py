@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import DMDError
 
-KEEP = {"pairs"}  # what a fresh run may find in OUT
+KEEP = {"pairs", "plan.json"}  # what a fresh run may find in OUT: make_pairs.py and --dry-run write them
 RESUMABLE = {"name", "train.max_steps", "train.log_every", "train.sample_every", "train.save_every", "train.threads",
              "train.max_consecutive_skips", "data.loader", "deepspeed.keep_checkpoints"}
 RESUMABLE_SECTIONS = {"eval"}

@@ -34,6 +34,10 @@ class Board:
             from PIL import Image
             self.w.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
 
+    def text(self, tag: str, text: str, step: int):
+        if self.w is not None:
+            self.w.add_text(tag, text, step)
+
     def close(self):
         if self.w is not None:
             self.w.close()

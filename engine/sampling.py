@@ -1,6 +1,7 @@
 """Drawing samples from a trained generator or from the teacher, and writing them as .npz and image grids."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def teacher_sampler(teacher, sampler: str, steps: int, guidance: float = 1.0):
     return lambda z, c: ode_sample(teacher, z, c, sampler, steps, guidance)
 
 
-def save_samples(path, x: torch.Tensor, labels, grid: str | Path | None = None, meta: dict | None = None):
+def save_samples(path, x: torch.Tensor, labels, grid: str | Path | None = None, meta: dict | None = None,
+                 captions: list[str] | None = None):
     """Images (N,C,H,W in [-1,1]) -> npz with images uint8 N×H×W×C and labels; 2-D points -> key 'samples'.
     Written to a temporary file and renamed, so a crash never leaves a partial .npz behind."""
     path = Path(path)
@@ -58,7 +60,7 @@ def save_samples(path, x: torch.Tensor, labels, grid: str | Path | None = None, 
     os.replace(tmp, path)
     if grid:
         if x.ndim == 4:
-            save_grid(arrays["images"][:100], grid)
+            save_grid(arrays["images"][:100], grid, captions=captions[:100] if captions else None)
         else:
             scatter(arrays["samples"], grid)
 
@@ -84,14 +86,46 @@ def from_uint8(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def save_grid(images: np.ndarray, path, nrow: int = 10, scale: int = 4):
-    """Tile uint8 (N, H, W, C) images into one PNG, each image upscaled `scale` times (nearest)."""
+def save_grid(images: np.ndarray, path, nrow: int | None = None, scale: int = 4, max_side: int = 2048,
+              captions: list[str] | None = None):
+    """Tile uint8 (N, H, W, C) images into one PNG of at most `max_side` px a side: small images are upscaled
+    up to `scale` times (nearest), large ones shrunk to fit. `captions` (one per image, e.g. prompts) are
+    written under the grid, numbered as the tiles are (row by row)."""
     from PIL import Image
     n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
     rows = (n + nrow - 1) // nrow
+    side = max(rows * (h + 1) + 1, nrow * (w + 1) + 1)
+    if side > max_side:  # shrink each tile so the grid fits; nearest would alias at this ratio
+        f = (max_side - 1) / side
+        h2, w2 = max(1, int((h + 1) * f) - 1), max(1, int((w + 1) * f) - 1)
+        images = np.stack([np.asarray(Image.fromarray(im[..., 0] if c == 1 else im).resize((w2, h2), Image.BILINEAR))
+                           .reshape(h2, w2, c) for im in images])
+        n, h, w, c = images.shape
+        scale = 1
     grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, np.uint8)
     for i in range(n):
         r, k = divmod(i, nrow)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = images[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    scale = max(1, min(scale, max_side // max(img.width, img.height)))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if captions:
+        img = _with_captions(img.convert("RGB"), captions)
+    img.save(path)
+
+
+def _with_captions(img, captions: list[str]):
+    """The grid with a white band below: one line per image, "i. caption", cut to the grid's width."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    line_h = 14
+    max_chars = max(8, img.width // 7)
+    lines = [f"{i + 1}. {t}" if len(t) + 5 <= max_chars else f"{i + 1}. {t[:max_chars - 8]}..."
+             for i, t in enumerate(captions)]
+    out = Image.new("RGB", (img.width, img.height + line_h * len(lines) + 6), "white")
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, img.height + 3 + i * line_h), line, fill="black", font=font)
+    return out

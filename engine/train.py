@@ -24,7 +24,8 @@ from engine import checkpoint, cli, faults, preempt, runfolder
 from engine.config import DMDConfig, load, to_dict
 from engine.errors import DMDError
 from engine.files import atomic_write_text
-from engine.losses import make_regression_loss
+from engine.kinds import model_kind, teacher_folder
+from engine.losses import check_regression_loss, make_regression_loss
 from engine.pair_loader import make_pair_feed
 from engine.pairs import BatchSampler, PairReader, expected_manifest, write_pairs
 from engine.plots import plot_log
@@ -40,6 +41,11 @@ def parse_args():
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
     p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty OUT (pairs/ is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan, write OUT/plan.json and "
+                   "stop; loads no weights (engine/plan.py)")
+    p.add_argument("--processes", type=int, default=None, help="--dry-run: processes to plan for (default WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="--dry-run: GPU memory per process (default: this machine's GPU, else 80)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args()
 
@@ -49,6 +55,12 @@ def check_config(cfg, args):
     tc = cfg.train
     if args.max_steps is not None and args.max_steps < 0:
         raise DMDError(f"--max-steps must be >= 0, got {args.max_steps}")
+    if model_kind(cfg.model.kind).folder:
+        teacher_folder(cfg)  # a single-file checkpoint or a missing folder, before any work
+    try:
+        check_regression_loss(tc)  # before hours of pair making, not after
+    except FileNotFoundError as e:
+        raise DMDError(str(e)) from None
     if tc.reg_weight > 0 and tc.reg_batch_size > cfg.data.num_pairs:
         raise DMDError(f"train.reg_batch_size = {tc.reg_batch_size} is larger than data.num_pairs = "
                        f"{cfg.data.num_pairs}")
@@ -68,16 +80,18 @@ def build_backend(cfg):
 
 
 def open_pairs(cfg, models, out: Path, progress=True) -> PairReader:
-    """The run's pairs: read them if present (checked against this teacher and config), else make them.
-    With several processes rank 0 makes them with a whole teacher while the others wait; for teachers too big
-    for one device, make them beforehand with engine/make_pairs.py."""
+    """The run's pairs: read them if present (checked against this teacher and config), else make them. With
+    several processes every one makes its share of the missing shards with a whole teacher (engine/pairs_job.py),
+    so no process waits at a collective longer than the shares differ; a job killed midway keeps its complete
+    shards. For teachers too big for one device, make them beforehand with engine/make_pairs.py."""
     folder = Path(cfg.data.pairs_dir) if cfg.data.pairs_dir else out / "pairs"
     expect = expected_manifest(models.teacher_hash, cfg.data, models.sample_shape, models.num_classes, models.text)
-    if not (folder / "manifest.json").is_file() and models.is_main:
-        print(f"making {cfg.data.num_pairs} regression pairs in {folder}")
+    # every process gets the same answer here: the manifest appears only once all of them are inside write_pairs
+    if not (folder / "manifest.json").is_file():
+        if models.is_main:
+            print(f"making {cfg.data.num_pairs} regression pairs in {folder}")
         teacher, text = models.whole_teacher()
-        write_pairs(folder, teacher, models.teacher_hash, cfg.data, progress, text)
-    models.barrier()
+        write_pairs(folder, teacher, models.teacher_hash, cfg.data, progress, text, group=models)
     return PairReader(folder, expect)
 
 
@@ -98,6 +112,11 @@ def sample_images(models, n: int, seed: int, batch_size: int):
     with torch.no_grad(), models.autocast(), models.sampling() as gen:
         return draw(one_step(gen, models.condition, models.to_images), n, models.sample_shape, models.num_classes,
                     seed=seed, batch_size=batch_size, device=models.device)
+
+
+def prompts_of(models, labels):
+    """A text model's prompts for sampled prompt indices (grid captions), else None."""
+    return [models.text.prompts[int(i)] for i in labels] if models.text is not None else None
 
 
 def train_loop(cfg, models, trainer, feed, out: Path, max_steps: int, quiet: bool, log: RunLog, save) -> bool:
@@ -126,11 +145,15 @@ def train_loop(cfg, models, trainer, feed, out: Path, max_steps: int, quiet: boo
             means = log.line(trainer.step, rate, extra)
             bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k.startswith("loss")} | {"img/s": f"{rate:.0f}"})
         if tc.sample_every and trainer.step % tc.sample_every == 0:
-            x, lab = sample_images(models, 100, 1, cfg.eval.batch_size)
+            n = tc.sample_count or (16 if models.text is not None else 100)
+            x, lab = sample_images(models, n, 1, cfg.eval.batch_size)
             if models.is_main:
-                grid = out / f"grid_step{trainer.step:06d}.png"
-                save_samples(out / f"samples_step{trainer.step:06d}.npz", x, lab, grid)
+                grid, captions = out / f"grid_step{trainer.step:06d}.png", prompts_of(models, lab)
+                save_samples(out / f"samples_step{trainer.step:06d}.npz", x, lab, grid, captions=captions)
                 log.board.image("samples", grid, trainer.step)
+                if captions:
+                    log.board.text("samples/prompts", "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions)),
+                                   trainer.step)
         saved = tc.save_every and trainer.step % tc.save_every == 0 and trainer.step < max_steps
         if saved:
             save()
@@ -154,6 +177,11 @@ def main():
     args = parse_args()
     cfg = load(args.config, DMDConfig, args.set)
     tc = cfg.train
+    if args.dry_run:  # the plan before the launch (engine/plan.py): config files only, writes only OUT/plan.json
+        from engine.plan import dry_run
+        return dry_run(cfg, args.out, args.processes, args.gpu_memory)
+    if args.processes is not None or args.gpu_memory is not None:
+        raise DMDError("--processes and --gpu-memory belong to --dry-run")
     check_config(cfg, args)
     max_steps = args.max_steps if args.max_steps is not None else tc.max_steps
     cli.set_threads(tc.threads)
@@ -208,7 +236,7 @@ def main():
     x, lab = sample_images(models, cfg.eval.num_samples, 12345, cfg.eval.batch_size)
     mem = models.peak_memory_mib()
     if models.is_main:
-        save_samples(out / "samples.npz", x, lab, out / "grid.png")
+        save_samples(out / "samples.npz", x, lab, out / "grid.png", captions=prompts_of(models, lab))
         summary = {"steps": trainer.step, "pairs_s": round(t_pairs, 1), "train_s": round(train_s, 1),
                    "total_s": round(time.time() - t_start, 1), "processes": models.world_size,
                    "engine": models.name, "device": str(models.device),

@@ -38,7 +38,8 @@ class DMDTrainer:
 
     # --- random inputs ----------------------------------------------------------------------------
     # Every process draws the whole global batch from the shared stream and keeps its own slice
-    # (models.local), so N processes train on exactly the samples one process would.
+    # (models.local), so N processes train on exactly the samples one process would. Everything a step
+    # draws is drawn before its micro-batches run, so the draws do not depend on train.micro_batch_size.
     def noise(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = torch.randn((n, *self.m.sample_shape), generator=self.rng)
         nc = self.m.num_classes
@@ -47,60 +48,80 @@ class DMDTrainer:
         dev = self.m.device
         return z.to(dev), (cond.to(dev) if cond is not None else None)
 
-    def _t_eps(self, like: torch.Tensor):
+    def _t_eps(self, n_local: int):
         sch = self.m.teacher.schedule
-        n = like.shape[0] * self.m.world_size
-        t = self.m.local(sch.sample_t(n, self.tc.min_t_frac, self.tc.max_t_frac, self.rng)).to(like.device)
-        eps = self.m.local(torch.randn((n, *like.shape[1:]), generator=self.rng)).to(like)
+        n = n_local * self.m.world_size
+        t = self.m.local(sch.sample_t(n, self.tc.min_t_frac, self.tc.max_t_frac, self.rng)).to(self.m.device)
+        eps = self.m.local(torch.randn((n, *self.m.sample_shape), generator=self.rng)).to(self.m.device)
         return t, eps
+
+    def _micro(self, n: int):
+        """(slice, share of the whole) per micro-batch of a per-process batch of n: each micro-batch's mean loss
+        weighted by its share sums to the whole batch's mean, so accumulating them gives the same update."""
+        size = self.tc.micro_batch_size or n
+        return [(slice(i, min(i + size, n)), (min(i + size, n) - i) / n) for i in range(0, n, size)]
 
     # --- the two updates --------------------------------------------------------------------------
     def generator_step(self, ref=None) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
         tc, m = self.tc, self.m
         z, cond = self.noise(tc.batch_size)
-        if self.gen is not m.generator:
-            self.gen.step_begin()
-        x = self.gen(z, cond)
-        loss = x.new_zeros(())
-        logs = {}
+        poison = float("nan") if self.step in self.nan_steps else 1.0
+        logs, xs, total = {}, [], z.new_zeros(())
         if tc.dm_weight > 0:
-            t, eps = self._t_eps(x)
-            x_t = self.ops.add_noise(x.detach(), t, m.teacher.schedule, eps)
-            with torch.no_grad():
-                pred_real = m.teacher.guided(x_t, t, cond, tc.real_guidance)
-                # "none" = the real score alone (Fig. 3): the fake score is replaced by the sample itself,
-                # the zero-mean part of a delta's score, so only mode seeking towards mu_real remains.
-                pred_fake = m.fake(x_t, t, cond) if tc.fake_score == "learned" else x.detach()
-            l_dm = self.ops.dm_loss(x, pred_real, pred_fake)
-            loss = loss + tc.dm_weight * l_dm
-            logs["loss_dm"] = l_dm.item()
+            t, eps = self._t_eps(z.shape[0])
+            l_dm = z.new_zeros(())
+        for sl, share in self._micro(z.shape[0]):
+            c = _take(cond, sl)
+            if self.gen is not m.generator:
+                self.gen.step_begin()
+            x = self.gen(z[sl], c)
+            # a CUDA-graphed generator's output is overwritten by its next replay: keep a copy
+            xs.append(x.detach().clone() if self.gen is not m.generator else x.detach())
+            if tc.dm_weight > 0:
+                x_t = self.ops.add_noise(x.detach(), t[sl], m.teacher.schedule, eps[sl].to(x))
+                with torch.no_grad():
+                    pred_real = m.teacher.guided(x_t, t[sl], c, tc.real_guidance)
+                    # "none" = the real score alone (Fig. 3): the fake score is replaced by the sample itself,
+                    # the zero-mean part of a delta's score, so only mode seeking towards mu_real remains.
+                    pred_fake = m.fake(x_t, t[sl], c) if tc.fake_score == "learned" else x.detach()
+                part = self.ops.dm_loss(x, pred_real, pred_fake) * share
+                m.backward("generator", part * (tc.dm_weight * poison))
+                l_dm = l_dm + part.detach()
+                total = total + tc.dm_weight * part.detach()
+        if tc.dm_weight > 0:
+            logs["loss_dm"] = l_dm
         if tc.reg_weight > 0 and ref is not None:
             z_ref, y_ref, c_ref = ref
-            x_ref = self.gen(z_ref, c_ref)
-            l_reg = self.regression(x_ref, y_ref).mean()
-            loss = loss + tc.reg_weight * l_reg
-            logs["loss_reg"] = l_reg.item()
-        if self.step in self.nan_steps:
-            loss = loss * float("nan")
-        logs["grad_norm_g"] = m.backward("generator", loss)  # applied or dropped by train_step
-        logs["loss_g"] = loss.item()
-        return logs, x.detach(), cond
+            l_reg = z.new_zeros(())
+            for sl, share in self._micro(z_ref.shape[0]):
+                part = self.regression(self.gen(z_ref[sl], _take(c_ref, sl)), y_ref[sl]).mean() * share
+                m.backward("generator", part * (tc.reg_weight * poison))
+                l_reg = l_reg + part.detach()
+            logs["loss_reg"] = l_reg
+            total = total + tc.reg_weight * l_reg
+        logs["grad_norm_g"] = m.grad_norm("generator")  # applied or dropped by train_step
+        logs["loss_g"] = total * poison
+        return logs, torch.cat(xs), cond
 
     def fake_step(self, x: torch.Tensor | None = None, cond=None) -> dict:
         tc, m = self.tc, self.m
         if x is None:
             z, cond = self.noise(tc.batch_size)
             with torch.no_grad():
-                x = m.generator(z, cond)
-        t, eps = self._t_eps(x)
-        loss = denoising_loss(m.fake, x, t, eps, cond, tc.fake_loss_weighting).mean()
-        gn = m.backward("fake", loss)  # applied or dropped by the caller
-        return {"loss_fake": loss.item(), "grad_norm_f": gn}
+                x = torch.cat([m.generator(z[sl], _take(cond, sl)) for sl, _ in self._micro(z.shape[0])])
+        t, eps = self._t_eps(x.shape[0])
+        total = x.new_zeros((), dtype=torch.float32)
+        for sl, share in self._micro(x.shape[0]):
+            part = denoising_loss(m.fake, x[sl], t[sl], eps[sl].to(x), _take(cond, sl), tc.fake_loss_weighting)
+            part = part.mean() * share
+            m.backward("fake", part)  # applied or dropped by the caller
+            total = total + part.detach()
+        return {"loss_fake": total, "grad_norm_f": m.grad_norm("fake")}
 
     def _apply_if_finite(self, logs: dict, names) -> tuple[dict, bool]:
         """Averages the logs over processes; applies the pending updates of `names` only if every loss and
         gradient norm is finite, else drops them. Every process reaches the same verdict (same averages)."""
-        logs = self.m.mean_over_ranks(logs)
+        logs = self.m.mean_over_ranks(host_floats(logs))
         ok = all(math.isfinite(v) for v in logs.values())
         for name in names:
             self.m.step(name) if ok else self.m.discard(name)
@@ -158,3 +179,19 @@ class DMDTrainer:
         torch.set_rng_state(s["torch_rng"])
         self.step = s["step"]
         self.skipped_total, self.skips_in_row = s.get("skipped_total", 0), s.get("skips_in_row", 0)
+
+
+def _take(cond, sl):
+    """Rows `sl` of a condition (class labels or text embeddings), or None."""
+    return None if cond is None else cond[sl]
+
+
+def host_floats(logs: dict) -> dict:
+    """A step's scalars as Python floats, the device-held ones read in one transfer (one host sync per update,
+    not one per scalar)."""
+    on_dev = [k for k, v in logs.items() if torch.is_tensor(v)]
+    out = {k: float(v) for k, v in logs.items() if k not in on_dev}
+    if on_dev:
+        vals = torch.stack([logs[k].detach().double().reshape(()) for k in on_dev]).tolist()
+        out.update(zip(on_dev, vals))
+    return out

@@ -31,16 +31,17 @@ import torch
 
 from models import Denoiser, OneStepGenerator, weights_hash
 
-from .backend import Backend, adamw, check_world, eval_mode
-from .distributed import dtype_choice, ds_config, init_distributed, load_partitioned, tensors_only, warmup_scheduler
+from .backend import Backend, adamw, check_world, eval_mode, dtype_choice
+from .distributed import ds_config, init_distributed, load_partitioned, tensors_only, warmup_scheduler
 from .errors import DMDError
 from .faults import kill_hook
-from .files import load_tensors, resolve_path, write_digests
-from .kinds import load_teacher, model_kind
+from .files import load_tensors, write_digests
+from .kinds import model_kind, teacher_folder
 from .tags import intact_tag, latest_tag, publish
 from .text2image import load_text
 
 class ZeroBackend(Backend):
+    partitioned = True
     name = "deepspeed-zero3"
 
     def __init__(self, cfg):
@@ -62,10 +63,10 @@ class ZeroBackend(Backend):
         self.cfg, self.kind = cfg, model_kind(cfg.model.kind)
         self.device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))
                                    if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype_choice(dc.precision, "precision")
-        self.teacher_dtype = dtype_choice(dc.teacher_dtype, "teacher_dtype")
+        self.dtype = dtype_choice(dc.precision, "precision", self.device)
+        self.teacher_dtype = dtype_choice(dc.teacher_dtype, "teacher_dtype", self.device)
         self.autocast_on = torch.bfloat16 in (self.dtype, self.teacher_dtype)  # bf16 parameters meet fp32 inputs
-        self.folder = resolve_path(cfg.model.teacher)
+        self.folder = teacher_folder(cfg)
         self.teacher_hash = weights_hash(self.folder)
         self.weights = self.folder / "unet" / "diffusion_pytorch_model.safetensors"
         if not self.weights.is_file():
@@ -115,22 +116,18 @@ class ZeroBackend(Backend):
         sched = lambda o: warmup_scheduler(o, self.cfg.deepspeed.lr_warmup_steps)
         return tensors_only(self.ds.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf)[0])
 
-    def whole_teacher(self):
-        teacher = load_teacher(self.cfg)[0]
-        return teacher, load_text(self.cfg, teacher)
-
     # --- updates --------------------------------------------------------------------------------------------
-    def autocast(self):
-        """bf16 autocast (GPU or CPU) when any model is bf16 (its parameters then meet fp32 inputs); else a no-op."""
-        if not self.autocast_on:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def backward(self, name: str, loss) -> float:
+    def backward(self, name: str, loss):
         eng = self.engines[name]
+        # ZeRO-3 adds each backward's gradient partitions to the pending ones once its micro-step counter has
+        # moved on; engine.forward moves it, but the trainer calls the modules directly, so it is moved here.
+        # After step() or discard() the counter is back at 0: the first micro-batch overwrites.
+        eng.optimizer.clear_backward_seen_flag()
         with torch.autocast(self.device.type, enabled=False):
-            eng.backward(loss)
-        return self._grad_norm(eng)
+            eng.backward(loss, scale_wrt_gas=False)  # the trainer weights each micro-batch by its share
+
+    def grad_norm(self, name: str) -> float:
+        return self._grad_norm(self.engines[name])
 
     def _grad_norm(self, eng) -> float:
         """Global norm of the (averaged, not yet clipped) gradients: each rank's partitions, summed over ranks."""

@@ -72,6 +72,27 @@ def test_dali_feed_equals_numpy_feed_and_resumes(needs_dali, pairs, rank, world)
     resumed.close()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_both_feeds_turn_16_bit_pairs_into_the_rounded_float32_values(needs_dali, pairs, tmp_path, dtype):
+    """data.pair_dtype: DALI gets the stored 16 bits and converts in its pipeline; numpy converts on read."""
+    from engine.config import DataSection
+    from engine.pair_loader import DaliFeed, NumpyFeed
+    from engine.pairs import BatchSampler, PairReader, write_pairs
+    folder = tmp_path / dtype
+    write_pairs(folder, tiny_denoiser(), "h", DataSection(num_pairs=22, pair_steps=1, shard_size=8, pair_dtype=dtype),
+                progress=False)
+    r16 = PairReader(folder)
+    full = NumpyFeed(pairs, BatchSampler(22, 4, 7), lambda x: x, "cpu")  # the float32 pairs of the same job
+    numpy = NumpyFeed(r16, BatchSampler(22, 4, 7), lambda x: x, "cpu")
+    dali = DaliFeed(r16, BatchSampler(22, 4, 7), 0, 1, "cpu")
+    for k in range(6):
+        want = [t.to(getattr(torch, dtype)).float() for t in full.next()[:2]]
+        for feed in (numpy, dali):
+            z, y, _ = feed.next()
+            assert z.dtype == y.dtype == torch.float32 and torch.equal(z, want[0]) and torch.equal(y, want[1]), k
+    dali.close()
+
+
 def test_training_with_dali_matches_numpy_and_resumes(needs_dali, tmp_path, tiny_teacher_dir):
     cfg = _cfg(tmp_path, tiny_teacher_dir, sample_every=0, save_every=2)
     keys = ("loss_dm", "loss_reg", "loss_fake", "loss_g")

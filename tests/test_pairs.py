@@ -75,3 +75,76 @@ def test_batch_sampler_resumes_in_order():
     c = BatchSampler(10, 4, seed=3)
     c.load_state_dict(b.state_dict())
     assert [c.next().tolist() for _ in range(3)] == seq[2:]
+
+
+# --- a job continued after a crash: intact shards kept, the rest made again ------------------------------------
+def _job(folder, **data):
+    dc = DataSection(num_pairs=50, shard_size=10, pair_steps=4, pair_batch_size=4, pair_seed=3, **data)
+    return write_pairs(folder, GaussianMixtureDenoiser(), "abc123", dc, progress=False), dc
+
+
+def test_rerun_keeps_intact_shards_and_remakes_damaged_foreign_and_unfinished_ones(tmp_path, capsys):
+    import shutil
+    ref, _ = _job(tmp_path / "ref")
+    want = {p.name: p.read_bytes() for p in ref.iterdir()}
+    other, _ = _job(tmp_path / "other", pair_sampler="ddim")  # another config's shards
+    folder = tmp_path / "p"
+    shutil.copytree(ref, folder)
+    (folder / "manifest.json").unlink()  # a job that did not finish
+    z1 = folder / "shard_00001.z.npy"
+    raw = bytearray(z1.read_bytes())
+    raw[-3] ^= 1  # one flipped bit, same size
+    z1.write_bytes(bytes(raw))
+    for name in ("shard_00002.z.npy", "shard_00002.y.npy", "shard_00002.label.npy", "shard_00002.json"):
+        shutil.copy(other / name, folder / name)
+    (folder / "shard_00003.json").unlink()  # killed after its parts, before its record
+    for p in folder.glob("shard_00004.*"):
+        p.unlink()  # never started
+    (folder / ".shard_00004.z.npy.tmp123").write_bytes(b"partial")  # killed while writing a part
+    inodes = {p.name: p.stat().st_ino for p in folder.iterdir()}
+    capsys.readouterr()
+    _job(folder)
+    out = capsys.readouterr().out
+    assert "1 of 5 shards complete, 4 to make on 1 process(es)" in out, out
+    assert "shard 1 is made again: shard_00001.z.npy does not match the record's checksum" in out, out
+    assert "shard 2 is made again: made for another teacher or config" in out, out
+    assert "shard 3 is made again: killed before it was complete" in out, out
+    assert "rank 0 made 4 shard(s): 1, 2, 3, 4" in out, out
+    got = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert got.keys() == want.keys() and [n for n in got if got[n] != want[n]] == []  # no stray file, same bytes
+    kept = {n for n in got if n.startswith("shard_00000.")}
+    assert len(kept) == 4 and all(p.stat().st_ino == inodes[p.name] for p in folder.iterdir() if p.name in kept)
+    assert all(p.stat().st_ino != inodes.get(p.name) for p in folder.glob("shard_0000[1-4].*"))
+
+
+# --- data.pair_dtype: 16-bit storage, float32 to the step ------------------------------------------------------
+@pytest.mark.parametrize("dtype, stored", [("float16", np.float16), ("bfloat16", np.uint16)])
+def test_pairs_stored_in_16_bits_read_back_as_float32_rounded_values(tmp_path, dtype, stored):
+    ref, dc32 = _job(tmp_path / "f32")
+    folder, dc = _job(tmp_path / dtype, pair_dtype=dtype)
+    man = json.loads((folder / "manifest.json").read_text())
+    assert man["dtype"] == dtype
+    r32, r16 = PairReader(ref), PairReader(folder, expected_manifest("abc123", dc, (2,), None))
+    with pytest.raises(PairsError, match="'dtype' is"):  # other pairs for a float32 run
+        PairReader(folder, expected_manifest("abc123", dc32, (2,), None))
+    for part in ("z", "y"):
+        a16, a32 = np.load(folder / f"shard_00000.{part}.npy"), np.load(ref / f"shard_00000.{part}.npy")
+        assert a16.dtype == stored and a16.nbytes * 2 == a32.nbytes
+        size16, size32 = ((f / f"shard_00000.{part}.npy").stat().st_size for f in (folder, ref))
+        assert size32 - size16 == a32.nbytes // 2  # the same .npy header, half the data
+    idx = [0, 17, 49]
+    for got, full in zip(r16.batch(idx)[:2], r32.batch(idx)[:2]):
+        assert got.dtype == torch.float32
+        assert torch.equal(got, full.to(getattr(torch, dtype)).float())  # round to nearest even, as torch does
+        assert not torch.equal(got, full)  # the values really were rounded
+    assert torch.equal(r16.batch(idx)[2], r32.batch(idx)[2])
+
+
+def test_bfloat16_rounds_to_nearest_even_not_truncates():
+    from engine.pairs import decode
+    from engine.pairs_job import encode
+    one_ulp = 2.0 ** -7  # bfloat16 keeps 7 bits after the point at 1.0
+    x = torch.tensor([1 + 0.75 * one_ulp, 1 + 1.5 * one_ulp, 1 + 0.5 * one_ulp, -3.0e-3], dtype=torch.float32)
+    got = torch.from_numpy(decode(encode(x, "bfloat16"), "bfloat16"))
+    assert got.tolist()[:3] == [1 + one_ulp, 1 + 2 * one_ulp, 1.0]  # up, tie to even (up), tie to even (down)
+    assert torch.equal(got, x.to(torch.bfloat16).float())

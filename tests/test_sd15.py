@@ -105,6 +105,27 @@ def test_sd15_run_trains_with_both_losses(sd_run):
     assert (sd_run / "grid_step000002.png").is_file()
 
 
+def test_training_grids_of_a_text_model_hold_16_images_and_their_prompts(sd_run):
+    """train.sample_count 0 = 16 for text models; each grid carries its prompts under the images and in
+    TensorBoard's text tab."""
+    from PIL import Image
+    with np.load(sd_run / "samples_step000002.npz") as f:
+        assert f["images"].shape == (16, 16, 16, 3)
+        labels = list(f["labels"])
+    img = Image.open(sd_run / "grid_step000002.png")
+    tiles = 4 * 17 + 1  # 4 x 4 tiles of 16 px, 1 px gaps, upscaled 4x
+    assert img.width == tiles * 4 and img.height > tiles * 4  # the caption band below the tiles
+    band = np.asarray(img.convert("L"))[tiles * 4:]
+    assert (band < 128).sum() > 100  # text was drawn
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(sd_run / "tb"), size_guidance={"tensors": 0}).Reload()
+    text = [t for t in ev.Tags()["tensors"] if "prompts" in t]
+    assert text, ev.Tags()
+    logged = ev.Tensors(text[0])[0].tensor_proto.string_val[0].decode()
+    prompts = PROMPTS.read_text().splitlines()
+    assert logged.splitlines()[0] == f"1. {prompts[labels[0]].strip()}"
+
+
 def test_pairs_are_the_guided_teacher_on_the_prompt_and_pinned_to_the_prompt_list(sd_run, tiny_sd, tmp_path):
     from engine.config import DMDConfig, load
     from engine.pairs import PairReader, PairsError, expected_manifest, noise_for
