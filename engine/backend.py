@@ -216,7 +216,8 @@ class Backend(abc.ABC):
     def whole_teacher(self):
         """(teacher, text) whole on this process's device in fp32, for making regression pairs: the pairs are
         the same bytes whichever backend, precision or entry point (engine/make_pairs.py) makes them."""
-        if not self.partitioned and all(p.dtype == torch.float32 for p in self.teacher.parameters()):
+        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]  # the toy's analytic teacher: buffers only
+        if not self.partitioned and all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
             return self.teacher, self.text
         from .kinds import load_teacher
         from .text2image import load_text

@@ -5,7 +5,8 @@ Compilation is lazy in torch: torch.compile() itself rarely fails, the first cal
 inductor, an unsupported op, an old GPU for Triton). So the first call probes forward *and* backward on the real
 inputs, without touching .grad, and on any failure the wrapper warns once and stays eager for good; a run never
 dies because compilation is unavailable. Mode "auto" picks "reduce-overhead" on CUDA, which adds CUDA graphs when
-shapes are fixed (the generator's are: batch_size and reg_batch_size), and "default" elsewhere.
+shapes are fixed (the generator's are: batch_size and reg_batch_size per process, or train.micro_batch_size and a
+shorter last micro-batch: one more graph), and "default" elsewhere.
 
 The teacher and the fake score are compiled without CUDA graphs (mode "default", or max-autotune without graphs):
 each is called several times a step, with and without gradients and, under guidance, on a doubled batch, and

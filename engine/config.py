@@ -98,7 +98,8 @@ class DeepSpeedSection:
     backend: str = "auto"             # torch.distributed backend: "auto" = nccl on GPUs, gloo on CPU
     precision: str = "auto"           # both backends: "auto" = bf16 compute + fp32 master weights on GPU, fp32 on
                                       # CPU; "fp32"; "bf16" (also on CPU)
-    teacher_dtype: str = "auto"       # frozen teacher, both backends: "auto" = bf16 on GPU, fp32 on CPU; "fp32"; "bf16"
+    teacher_dtype: str = "auto"       # frozen teacher's weights, both backends: "auto" = bf16 on GPU, fp32 on CPU;
+                                      # "fp32"; "bf16" (with precision bf16, autocast runs its matmuls in bf16 too)
     offload_params: bool = False      # ZeRO-3 parameter partitions in CPU memory
     offload_optimizer: bool = False   # optimiser state and fp32 master weights in CPU memory
     gradient_checkpointing: bool = False  # recompute generator / fake-score activations in backward

@@ -59,6 +59,9 @@ def ds_config(cfg, world: int, dtype: torch.dtype, trainable: bool) -> dict:
             "train_batch_size": (tc.batch_size // world) * world,
             "gradient_clipping": tc.grad_clip if trainable else 0.0,
             "zero_optimization": zero, "bf16": {"enabled": dtype == torch.bfloat16},
+            # micro-batches' gradients are summed into the partitions in this dtype (DeepSpeed's default: the
+            # compute dtype, which would add bf16 rounding per micro-batch)
+            "data_types": {"grad_accum_dtype": "fp32"},
             # AdamW from torch (as the single-process path uses), also with offload: no compiled DeepSpeed ops
             "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import shutil
 from pathlib import Path
 
@@ -98,3 +99,46 @@ def load_tensors(path: Path, map_location=None):
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DMDError(f"{path} cannot be read as tensors (refused, nothing in it was run): {first[:200]}") from None
+
+
+class FolderLock:
+    """One job per folder: a lock file holding the host and pid of the job that writes there (pairs: two runs
+    sharing data.pairs_dir must not delete each other's temporary files or manifest). A lock left by a job that
+    died on this machine is taken over; one from another machine names its owner."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.held = Path(path), what, False
+
+    def take(self) -> str | None:
+        """None when taken, else one line naming the job that holds it."""
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                host, _, pid = self.path.read_text(errors="replace").partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    self.path.unlink(missing_ok=True)  # left behind by a job that died on this machine
+                    continue
+                return (f"another {self.what} ({host}, pid {pid}) is writing {self.path.parent}; wait for it to "
+                        f"finish, or delete {self.path} if that job is gone")
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return None
+        return f"could not take {self.path}"
+
+    def release(self):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

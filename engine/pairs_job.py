@@ -36,7 +36,7 @@ from models.samplers import nfe, sample
 
 from .errors import PairsError
 from .faults import kill_hook
-from .files import atomic_write_text, file_digest
+from .files import FolderLock, atomic_write_text, file_digest
 from .text2image import condition_count
 
 FORMAT = "dmd-pairs/1"
@@ -59,7 +59,8 @@ def expected_manifest(teacher_hash: str, dc, shape, num_classes, text=None) -> d
     Text models (engine.text2image.TextToImage): label i is prompt i, and the prompt list is pinned by hash."""
     man = {"format": FORMAT, "teacher_hash": teacher_hash, "sampler": dc.pair_sampler, "steps": dc.pair_steps,
            "nfe": nfe(dc.pair_sampler, dc.pair_steps), "guidance": dc.pair_guidance, "shape": list(shape),
-           "dtype": dc.pair_dtype, "count": dc.num_pairs, "seed": dc.pair_seed, "num_classes": num_classes}
+           "dtype": dc.pair_dtype, "count": dc.num_pairs, "seed": dc.pair_seed, "num_classes": num_classes,
+           "batch_size": dc.pair_batch_size}  # the teacher's batch shapes change its float sums
     if text is not None:
         man["prompts_hash"] = text.prompts_hash
     return man
@@ -178,8 +179,9 @@ class _Progress:
         landed = [k for k in self.others if record_path(self.folder, k).is_file()]
         self.bar.update(sum(self.others.pop(k) for k in landed))
 
-    def close(self):
-        self.bar.update(self.bar.total - self.bar.n)
+    def close(self, done: bool = True):
+        if done:
+            self.bar.update(self.bar.total - self.bar.n)
         self.bar.close()
 
 
@@ -192,12 +194,25 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
     (a backend, or anything with rank, world_size, barrier() and gather(); None: this process alone) calls it
     with a whole teacher; each makes only its own share."""
     group = group or Solo()
-    rank, world = group.rank, group.world_size
+    rank = group.rank
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shape, num = tuple(teacher.sample_shape), condition_count(teacher, text)
     expect = expected_manifest(teacher_hash, dc, shape, num, text)
     fp, plan = fingerprint(expect), shard_plan(dc.num_pairs, dc.shard_size)
+    lock = FolderLock(folder / ".pairs.lock", "pairs job") if rank == 0 else None
+    refused = [r for r in group.gather(lock.take() if lock else None) if r]
+    if refused:
+        raise PairsError(refused[0])
+    try:
+        return _make(folder, teacher, dc, text, group, expect, fp, plan, shape, num, progress)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _make(folder, teacher, dc, text, group, expect, fp, plan, shape, num, progress) -> Path:
+    rank, world = group.rank, group.world_size
     if rank == 0:  # no rank writes before the gather below, so nothing here is another rank's work in progress
         (folder / "manifest.json").unlink(missing_ok=True)
         for tmp in itertools.chain(folder.glob(".shard_*.tmp*"), folder.glob(".manifest.json.tmp*")):
@@ -217,10 +232,31 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
               f"{world} process(es)", flush=True)
     bar = _Progress(folder, plan, missing, todo, progress and rank == 0, f"pairs ({dc.pair_sampler} x{dc.pair_steps})")
     dev = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
+    try:
+        _make_shards(folder, teacher, dc, text, todo, plan, shape, num, fp, dev, bar)
+    except Exception as e:  # noqa: BLE001 - reported on every rank below, not left for a barrier to time out
+        error = f"pairs: rank {rank} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    else:
+        error = None
+    errors = [e for e in group.gather(error) if e]  # the only wait between ranks: every rank's share is done
+    if errors:
+        bar.close(done=False)
+        raise PairsError(errors[0])
+    if todo:
+        print(f"pairs: rank {rank} made {len(todo)} shard(s): {_shorten(todo)}", flush=True)
+    bar.close()
+    if rank == 0:
+        _write_manifest(folder, expect, fp, plan)
+    group.barrier()  # no rank reads the folder before its manifest exists
+    return folder
+
+
+def _make_shards(folder, teacher, dc, text, todo, plan, shape, num, fp, dev, bar):
     for made, k in enumerate(todo, 1):
         start, n = plan[k]
         idx = list(range(start, start + n))
         z, lab = noise_for(idx, shape, dc.pair_seed), labels_for(idx, num)
+        z = torch.from_numpy(decode(encode(z, dc.pair_dtype), dc.pair_dtype))  # y starts from the z that is stored
         ys = []
         for b in range(0, n, dc.pair_batch_size):
             sl = slice(b, b + dc.pair_batch_size)
@@ -233,14 +269,6 @@ def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, t
             rec.update(_write_part(part_path(folder, k, part), arr, part))
         kill_hook("DMD_TEST_KILL_IN_SHARD", made)  # a crash after a shard's parts, before its record
         atomic_write_text(record_path(folder, k), json.dumps(rec, indent=1))
-    if todo:
-        print(f"pairs: rank {rank} made {len(todo)} shard(s): {_shorten(todo)}", flush=True)
-    group.barrier()  # the only wait between ranks: every rank's share is on disk
-    bar.close()
-    if rank == 0:
-        _write_manifest(folder, expect, fp, plan)
-    group.barrier()  # no rank reads the folder before its manifest exists
-    return folder
 
 
 def _write_manifest(folder: Path, expect: dict, fp: str, plan):

@@ -5,7 +5,7 @@ Denoiser.from_pretrained(weights=False) does, its copies as engine/kinds.py make
 encoder (text_encoder/config.json) and autoencoder (model.decoder or vae/); LPIPS is the lpips package's network.
 State per rank, by dtype, as engine/zero.py / plain.py keep it. ZeRO-3: each parameter split into ceil(numel/N)
 per rank (also kept whole if <= deepspeed.persistence_threshold elements); generator and fake score: parameters and
-gradients in the compute dtype ("auto" = bf16, as on a GPU), fp32 masters, AdamW's two fp32 states, EMA (fp32), a
+fp32 gradients (grad_accum_dtype), parameters in the compute dtype ("auto" = bf16), fp32 masters, AdamW's two fp32 states, EMA (fp32), a
 reduce bucket of 5e8 elements each (DeepSpeed's default, on the GPU), during the step an fp32 copy of a gradient
 partition. Gathered whole in flight: what a trained model reuses within DeepSpeed's max_reuse_distance (1e9
 elements; forward to backward: up to half of it) + the prefetch bucket (5e7). offload_params moves parameter
@@ -241,7 +241,7 @@ def plan(nets: Nets, acts: dict, n: int, gpu_bytes: int, gpu_source: str) -> dic
             gpu=d * whole + (0 if off else d * part), cpu=d * part if off else 0)
         if name == "teacher":
             continue
-        rows = [("gradients", f"gradients ({dn}, {share})", d), ("optimizer", f"AdamW states (2 x fp32, {share})", 8)]
+        rows = [("gradients", f"gradients (fp32, {share})", 4), ("optimizer", f"AdamW states (2 x fp32, {share})", 8)]
         rows += [("masters", f"fp32 master weights ({share})", 4)] if nets.zero else []
         rows += [("fp32_grads", f"fp32 gradient buffer ({share})", 4)] if opt == "cpu" else []
         rows += [("ema", f"EMA (fp32, {share})", 4)] if name == "generator" and tc.ema_decay > 0 else []

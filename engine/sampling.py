@@ -96,8 +96,9 @@ def save_grid(images: np.ndarray, path, nrow: int | None = None, scale: int = 4,
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = (n + nrow - 1) // nrow
     side = max(rows * (h + 1) + 1, nrow * (w + 1) + 1)
-    if side > max_side:  # shrink each tile so the grid fits; nearest would alias at this ratio
-        f = (max_side - 1) / side
+    room = max_side - (_band_height(len(captions)) if captions else 0)  # the caption band counts too
+    if side > room:  # shrink each tile so the grid fits; nearest would alias at this ratio
+        f = (room - 1) / side
         h2, w2 = max(1, int((h + 1) * f) - 1), max(1, int((w + 1) * f) - 1)
         images = np.stack([np.asarray(Image.fromarray(im[..., 0] if c == 1 else im).resize((w2, h2), Image.BILINEAR))
                            .reshape(h2, w2, c) for im in images])
@@ -108,22 +109,29 @@ def save_grid(images: np.ndarray, path, nrow: int | None = None, scale: int = 4,
         r, k = divmod(i, nrow)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = images[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, min(scale, max_side // max(img.width, img.height)))
+    scale = max(1, min(scale, max_side // img.width, room // img.height))
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     if captions:
         img = _with_captions(img.convert("RGB"), captions)
     img.save(path)
 
 
+LINE_H = 14  # px per caption line (PIL's default bitmap font)
+
+
+def _band_height(n: int) -> int:
+    return LINE_H * n + 6
+
+
 def _with_captions(img, captions: list[str]):
     """The grid with a white band below: one line per image, "i. caption", cut to the grid's width."""
     from PIL import Image, ImageDraw, ImageFont
     font = ImageFont.load_default()
-    line_h = 14
+    line_h = LINE_H
     max_chars = max(8, img.width // 7)
     lines = [f"{i + 1}. {t}" if len(t) + 5 <= max_chars else f"{i + 1}. {t[:max_chars - 8]}..."
              for i, t in enumerate(captions)]
-    out = Image.new("RGB", (img.width, img.height + line_h * len(lines) + 6), "white")
+    out = Image.new("RGB", (img.width, img.height + _band_height(len(lines))), "white")
     out.paste(img, (0, 0))
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(lines):

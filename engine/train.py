@@ -83,7 +83,8 @@ def open_pairs(cfg, models, out: Path, progress=True) -> PairReader:
     """The run's pairs: read them if present (checked against this teacher and config), else make them. With
     several processes every one makes its share of the missing shards with a whole teacher (engine/pairs_job.py),
     so no process waits at a collective longer than the shares differ; a job killed midway keeps its complete
-    shards. For teachers too big for one device, make them beforehand with engine/make_pairs.py."""
+    shards. Each process holds a whole fp32 teacher meanwhile; engine/make_pairs.py does the same as a job of its
+    own, before training."""
     folder = Path(cfg.data.pairs_dir) if cfg.data.pairs_dir else out / "pairs"
     expect = expected_manifest(models.teacher_hash, cfg.data, models.sample_shape, models.num_classes, models.text)
     # every process gets the same answer here: the manifest appears only once all of them are inside write_pairs

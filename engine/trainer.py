@@ -128,6 +128,10 @@ class DMDTrainer:
         return logs, ok
 
     def train_step(self, ref=None) -> dict:
+        with self.m.autocast():  # the backend's precision (bf16 models meet fp32 inputs only under autocast)
+            return self._train_step(ref)
+
+    def _train_step(self, ref=None) -> dict:
         """One generator update and its fake-score updates; returns scalars for the log.
 
         Non-finite guard: the generator update and the first fake update are applied together or not at all
@@ -165,7 +169,8 @@ class DMDTrainer:
 
     def warmup_fake(self, steps: int, progress=None):
         for _ in range(steps):
-            self._apply_if_finite(self.fake_step(), ["fake"])
+            with self.m.autocast():
+                self._apply_if_finite(self.fake_step(), ["fake"])
             if progress is not None:
                 progress.update(1)
 

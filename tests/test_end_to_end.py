@@ -178,6 +178,8 @@ def test_plain_run_uses_the_gpu_by_default(tmp_path, tiny_teacher_dir):
     assert s["device"] == "cuda" and s["steps"] == 4
     with np.load(out / "samples.npz") as f:
         assert f["images"].shape == (20, 8, 8, 1)
+    counts = json.loads((out / "partition.json").read_text())[0]  # "auto" precision on a GPU: bf16 teacher,
+    assert counts["teacher"][2] == "bfloat16" and counts["generator"][2] == "float32"  # fp32 trained weights
 
 
 @pytest.mark.gpu

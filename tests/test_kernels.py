@@ -278,7 +278,9 @@ def _trainer(teacher_dir, kernels, device="cpu", **train):
     from engine.config import DMDConfig, parse
     from engine.trainer import DMDTrainer
     cfg = parse(DMDConfig, {"model": {"kind": "unet", "teacher": str(teacher_dir)},
-                            "train": {"batch_size": 5, "reg_weight": 0.0, "kernels": kernels, **train}})
+                            "train": {"batch_size": 5, "reg_weight": 0.0, "kernels": kernels, **train},
+                            # fp32 on a GPU too: these compare paths at fp32 tolerances ("auto" would be bf16 there)
+                            "deepspeed": {"precision": "fp32", "teacher_dtype": "fp32"}})
     return DMDTrainer(PlainBackend(cfg, device), cfg.train, seed=3)
 
 

@@ -64,15 +64,28 @@ def test_draws_do_not_depend_on_the_micro_batch_size():
 
 
 def test_a_non_finite_micro_batch_drops_the_whole_update():
-    """The guard judges the whole update: one poisoned step leaves both models as they were."""
+    """The guard judges the whole update: a NaN in one micro-batch's gradients only (its loss finite) leaves
+    both models as they were."""
     model = {"kind": "toy2d", "toy_hidden": 32}
     t = _trainer(model, 3, regression_loss="mse")
-    before = {k: v.clone() for k, v in t.m.generator.state_dict().items()}
-    t.nan_steps = (0,)
+    before = {n: {k: v.clone() for k, v in getattr(t.m, n).state_dict().items()} for n in ("generator", "fake")}
+    gen, calls = t.gen, []
+
+    def second_poisoned(z, c=None):
+        x = gen(z, c)
+        calls.append(1)
+        if len(calls) == 2:  # the second DM micro-batch of the update
+            x.register_hook(lambda g: g * float("nan"))
+        return x
+    second_poisoned.step_begin = lambda: None  # what a compiled generator's wrapper offers
+    t.gen = second_poisoned
     logs = t.train_step(_ref(t.m, 0))
+    assert len(calls) > 2 and math.isfinite(logs["loss_g"]) and not math.isfinite(logs["grad_norm_g"])
     assert logs["skipped"] == 1.0
-    for k, v in t.m.generator.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    for n in ("generator", "fake"):
+        for k, v in getattr(t.m, n).state_dict().items():
+            assert torch.equal(v, before[n][k]), (n, k)
+    t.gen = gen
     assert t.train_step(_ref(t.m, 1))["skipped"] == 0.0  # the next update starts clean
 
 
@@ -111,7 +124,9 @@ def test_grids_stay_within_2048_px_and_small_images_look_as_before(tmp_path):
     assert max(Image.open(tmp_path / "big.png").size) <= 2048
     save_grid(big[:16], tmp_path / "sixteen.png", captions=[f"prompt {i}" for i in range(16)])
     w, h = Image.open(tmp_path / "sixteen.png").size
-    assert w <= 2048 and h > w  # four tiles a row, a caption band below
+    assert max(w, h) <= 2048 and h > w  # four tiles a row, a caption band below, all within 2048 px
+    save_grid(big, tmp_path / "hundred.png", captions=[f"prompt {i}" for i in range(100)])
+    assert max(Image.open(tmp_path / "hundred.png").size) <= 2048
     small = np.zeros((100, 8, 8, 1), np.uint8)
     save_grid(small, tmp_path / "digits.png")
     assert Image.open(tmp_path / "digits.png").size == ((10 * 9 + 1) * 4,) * 2

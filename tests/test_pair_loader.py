@@ -85,11 +85,20 @@ def test_both_feeds_turn_16_bit_pairs_into_the_rounded_float32_values(needs_dali
     full = NumpyFeed(pairs, BatchSampler(22, 4, 7), lambda x: x, "cpu")  # the float32 pairs of the same job
     numpy = NumpyFeed(r16, BatchSampler(22, 4, 7), lambda x: x, "cpu")
     dali = DaliFeed(r16, BatchSampler(22, 4, 7), 0, 1, "cpu")
+    order = BatchSampler(22, 4, 7)
+
+    def stored(part):  # the raw 16-bit files, widened here independently of the feeds
+        a = np.concatenate([np.load(f) for f in sorted(folder.glob(f"shard_*.{part}.npy"))])
+        return torch.from_numpy((a.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else
+                                a.astype(np.float32))
+    raw_z, raw_y = stored("z"), stored("y")
     for k in range(6):
-        want = [t.to(getattr(torch, dtype)).float() for t in full.next()[:2]]
+        idx = torch.as_tensor(order.next())
+        z32 = full.next()[0]
+        assert torch.equal(raw_z[idx], z32.to(getattr(torch, dtype)).float())  # z: the job's noise, rounded
         for feed in (numpy, dali):
             z, y, _ = feed.next()
-            assert z.dtype == y.dtype == torch.float32 and torch.equal(z, want[0]) and torch.equal(y, want[1]), k
+            assert z.dtype == y.dtype == torch.float32 and torch.equal(z, raw_z[idx]) and torch.equal(y, raw_y[idx]), k
     dali.close()
 
 

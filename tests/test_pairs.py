@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -133,11 +134,16 @@ def test_pairs_stored_in_16_bits_read_back_as_float32_rounded_values(tmp_path, d
         size16, size32 = ((f / f"shard_00000.{part}.npy").stat().st_size for f in (folder, ref))
         assert size32 - size16 == a32.nbytes // 2  # the same .npy header, half the data
     idx = [0, 17, 49]
-    for got, full in zip(r16.batch(idx)[:2], r32.batch(idx)[:2]):
-        assert got.dtype == torch.float32
-        assert torch.equal(got, full.to(getattr(torch, dtype)).float())  # round to nearest even, as torch does
-        assert not torch.equal(got, full)  # the values really were rounded
-    assert torch.equal(r16.batch(idx)[2], r32.batch(idx)[2])
+    (z16, y16, l16), (z32, y32, l32) = r16.batch(idx), r32.batch(idx)
+    assert z16.dtype == y16.dtype == torch.float32
+    assert torch.equal(z16, z32.to(getattr(torch, dtype)).float())  # round to nearest even, as torch does
+    assert not torch.equal(z16, z32)  # the values really were rounded
+    # y is the teacher's ODE from the stored (rounded) z, then rounded itself: the pair is consistent
+    from models.samplers import sample
+    y_from_stored = sample(GaussianMixtureDenoiser(), z16, None, dc.pair_sampler, dc.pair_steps, dc.pair_guidance)
+    assert torch.equal(y16, y_from_stored.to(getattr(torch, dtype)).float())
+    assert torch.allclose(y16, y32, rtol=2 ** -6, atol=1e-3) and not torch.equal(y16, y32)
+    assert torch.equal(l16, l32)
 
 
 def test_bfloat16_rounds_to_nearest_even_not_truncates():
@@ -148,3 +154,20 @@ def test_bfloat16_rounds_to_nearest_even_not_truncates():
     got = torch.from_numpy(decode(encode(x, "bfloat16"), "bfloat16"))
     assert got.tolist()[:3] == [1 + one_ulp, 1 + 2 * one_ulp, 1.0]  # up, tie to even (up), tie to even (down)
     assert torch.equal(got, x.to(torch.bfloat16).float())
+
+
+def test_a_second_job_on_the_same_folder_is_refused_and_a_dead_jobs_lock_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    folder = tmp_path / "p"
+    folder.mkdir()
+    lock = folder / ".pairs.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a live job: this very process
+    with pytest.raises(PairsError, match=r"another pairs job \(.*, pid \d+\) is writing .*; wait for it"):
+        _job(folder)
+    assert lock.read_text().endswith(str(os.getpid()))  # not ours to remove
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()}")  # a job that died on this machine
+    _job(folder)
+    assert (folder / "manifest.json").is_file() and not lock.exists()

@@ -155,3 +155,32 @@ def test_two_process_training_makes_pairs_longer_than_the_collective_timeout(tin
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2
     assert 4 * sleep > timeout and summary["pairs_s"] >= 2 * sleep  # the job was longer than the timeout
+
+
+FAILING_PAIRS = """\
+import os, runpy, sys
+sys.path[:0] = [{root!r}, {root!r} + "/engine"]
+import models.samplers
+sample = models.samplers.sample
+
+def failing(*a, **k):  # rank 1's teacher fails (out of memory, say) on its first batch
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("CUDA out of memory (planted)")
+    return sample(*a, **k)
+models.samplers.sample = failing
+runpy.run_path({root!r} + "/engine/make_pairs.py", run_name="__main__")
+"""
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error_not_a_timeout(tiny_teacher_dir, tmp_path):
+    """Rank 1 fails on its share: rank 0, done with its own, gets rank 1's error at once instead of waiting at
+    a collective until the timeout; both exit with one line, no manifest is written and the lock is freed."""
+    script = tmp_path / "failing_pairs.py"
+    script.write_text(FAILING_PAIRS.format(root=str(ROOT)))
+    folder = tmp_path / "pairs"
+    r = launch(script, "--config", _cfg(tmp_path, tiny_teacher_dir, folder), "--out", tmp_path / "run", timeout=180)
+    assert r.returncode != 0
+    line = "pairs: rank 1 failed (RuntimeError: CUDA out of memory (planted))"
+    assert r.stderr.count(line) >= 2, r.stderr[-3000:]  # reported by both ranks
+    assert not (folder / "manifest.json").exists() and not (folder / ".pairs.lock").exists()
+    assert (folder / "shard_00000.json").is_file()  # rank 0's own shards stay for the rerun
