@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 from test_config_cli import run
-from test_zero3 import DEEPSPEED, SHM, SHM_BUFFERS, _free_port
+from test_zero3 import launch_script as launch
 
 SHARDS = 7  # 40 pairs in shards of 6 (the last holds 4), made in batches of 4 (each shard: 4 + 2)
 
@@ -32,23 +32,6 @@ def _cfg(tmp_path, teacher_dir, pairs_dir, name="cfg", zero=False, data=None, **
     p = tmp_path / f"{name}.json"
     p.write_text(json.dumps(cfg))
     return p
-
-
-def launch(script, *args, procs=2, timeout=300, env=None):
-    """`deepspeed --num_gpus procs script args` (CPU processes here); the ranks are killed with the launcher."""
-    port = _free_port()
-    cmd = [str(DEEPSPEED), "--num_gpus", str(procs), "--master_port", port, str(script), *map(str, args)]
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, **(env or {})}, start_new_session=True) as p:
-        try:
-            stdout, stderr = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            raise
-    for f in SHM.glob(f"{SHM_BUFFERS}_{port}_*"):
-        f.unlink()
-    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
 def _files(folder: Path) -> dict:

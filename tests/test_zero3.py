@@ -52,9 +52,14 @@ SHM_BUFFERS = "deepspeed_allreduce_buffer_*"  # DeepSpeed's CPU all-reduce files
 
 
 def launch(cfg, out, *extra, env=None, procs=2, timeout=600):
+    return launch_script("engine/train.py", "--config", cfg, "--out", out, "--quiet", *extra, env=env, procs=procs,
+                         timeout=timeout)
+
+
+def launch_script(script, *args, env=None, procs=2, timeout=600):
+    """`deepspeed --num_gpus procs script args` (CPU processes on gloo here); the ranks die with the launcher."""
     port = _free_port()
-    cmd = [str(DEEPSPEED), "--num_gpus", str(procs), "--master_port", port, "engine/train.py",
-           "--config", str(cfg), "--out", str(out), "--quiet", *extra]
+    cmd = [str(DEEPSPEED), "--num_gpus", str(procs), "--master_port", port, str(script), *map(str, args)]
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, **(env or {})}, start_new_session=True) as p:
         try:
