@@ -54,6 +54,7 @@ class PlainBackend(Backend):
                     "fake": adamw(self.fake.parameters(), tc.lr_fake, tc)}
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval() if tc.ema_decay > 0 else None
         self._pending: set[str] = set()  # models with gradients accumulated for the update in progress
+        self._norms: dict = {}  # each pending update's gradient norm, from grad_norm
 
     def _model(self, name: str):
         return self.generator if name == "generator" else self.fake
@@ -62,6 +63,7 @@ class PlainBackend(Backend):
         if name not in self._pending:  # the first micro-batch of an update starts from no gradients
             self.opt[name].zero_grad(set_to_none=True)
             self._pending.add(name)
+        self._norms.pop(name, None)  # new gradients: a norm taken before them is stale
         loss.backward()
 
     def _grads(self, name: str):
@@ -69,17 +71,23 @@ class PlainBackend(Backend):
 
     def grad_norm(self, name: str):
         params = self._grads(name)  # a device tensor: the trainer reads all of a step's scalars at once
-        return torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else 0.0
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        self._norms[name] = norm  # _apply clips with it instead of computing it again
+        return norm
 
     def _apply(self, name: str):
-        if self.cfg.train.grad_clip > 0 and self._grads(name):
-            torch.nn.utils.clip_grad_norm_(self._grads(name), self.cfg.train.grad_clip)
+        params = self._grads(name)
+        if self.cfg.train.grad_clip > 0 and params:
+            norm = self._norms.pop(name, None)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if norm is None else norm
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.grad_clip, norm)
         self.opt[name].step()
         self._pending.discard(name)
 
     def discard(self, name: str):
         self.opt[name].zero_grad(set_to_none=True)
         self._pending.discard(name)
+        self._norms.pop(name, None)
 
     def lrs(self) -> dict:
         return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.opt.items()}

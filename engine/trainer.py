@@ -66,10 +66,9 @@ class DMDTrainer:
         tc, m = self.tc, self.m
         z, cond = self.noise(tc.batch_size)
         poison = float("nan") if self.step in self.nan_steps else 1.0
-        logs, xs, total = {}, [], z.new_zeros(())
+        logs, xs, l_dm, l_reg = {}, [], z.new_zeros(()), z.new_zeros(())
         if tc.dm_weight > 0:
             t, eps = self._t_eps(z.shape[0])
-            l_dm = z.new_zeros(())
         for sl, share in self._micro(z.shape[0]):
             c = _take(cond, sl)
             if self.gen is not m.generator:
@@ -87,20 +86,17 @@ class DMDTrainer:
                 part = self.ops.dm_loss(x, pred_real, pred_fake) * share
                 m.backward("generator", part * (tc.dm_weight * poison))
                 l_dm = l_dm + part.detach()
-                total = total + tc.dm_weight * part.detach()
         if tc.dm_weight > 0:
             logs["loss_dm"] = l_dm
         if tc.reg_weight > 0 and ref is not None:
             z_ref, y_ref, c_ref = ref
-            l_reg = z.new_zeros(())
             for sl, share in self._micro(z_ref.shape[0]):
                 part = self.regression(self.gen(z_ref[sl], _take(c_ref, sl)), y_ref[sl]).mean() * share
                 m.backward("generator", part * (tc.reg_weight * poison))
                 l_reg = l_reg + part.detach()
             logs["loss_reg"] = l_reg
-            total = total + tc.reg_weight * l_reg
         logs["grad_norm_g"] = m.grad_norm("generator")  # applied or dropped by train_step
-        logs["loss_g"] = total * poison
+        logs["loss_g"] = (tc.dm_weight * l_dm + tc.reg_weight * l_reg) * poison
         return logs, torch.cat(xs), cond
 
     def fake_step(self, x: torch.Tensor | None = None, cond=None) -> dict:
