@@ -27,7 +27,7 @@ test: $(STAMP)
 # Wheels the GPU machine lacks (it has torch and triton, no network): see bench/gpu_session.sh.
 GPU_WHEELS := diffusers==0.42.1 lpips==0.1.4 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
 	annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 importlib_metadata==10.2.0 \
-	lazy-importer==0.1.0
+	lazy-importer==0.1.0 transformers==5.24.0 tokenizers==0.23.3 regex==2026.11.19
 gpu-wheels: $(STAMP)
 	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -77,12 +77,14 @@ def main():
     ts, st = cfg.eval.teacher_sampler, cfg.eval.teacher_steps
     npz = out / "teacher_multistep.npz"
     dt = sh("engine/infer.py", "--checkpoint", teacher_run, "--teacher", "--sampler", ts, "--steps", st,
-            "--num", cfg.eval.num_samples, "--out", npz, "--grid", out / "teacher_multistep.png")
+            "--num", cfg.eval.num_samples, "--batch-size", cfg.eval.batch_size, "--out", npz,
+            "--grid", out / "teacher_multistep.png")
     nfe = st if ts == "ddim" else 2 * st - 1
     rows.append({"row": f"teacher, {ts} {st} steps", "nfe": nfe, "wall_s": round(dt, 1), **evaluate(npz)})
     npz = out / "teacher_onestep.npz"
     dt = sh("engine/infer.py", "--checkpoint", teacher_run, "--teacher", "--sampler", "ddim", "--steps", 1,
-            "--num", cfg.eval.num_samples, "--out", npz, "--grid", out / "teacher_onestep.png")
+            "--num", cfg.eval.num_samples, "--batch-size", cfg.eval.batch_size, "--out", npz,
+            "--grid", out / "teacher_onestep.png")
     rows.append({"row": "teacher, 1 step", "nfe": 1, "wall_s": round(dt, 1), **evaluate(npz)})
 
     for name, (run, dt) in runs.items():

@@ -38,7 +38,7 @@ SHAPES = {  # name -> (B, C, H, W); the targets' shapes first, so a run cut shor
 
 def args_():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: a GPU when there is one")
     p.add_argument("--json", default=None, help="write all rows and the machine description here")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="kernel inputs' dtype")
     p.add_argument("--iters", type=int, default=None, help="timed calls per kernel row (default 50 CUDA, 3 CPU)")
@@ -59,10 +59,12 @@ def args_():
 
 
 ARGS = args_()
+import torch  # noqa: E402
+
+if ARGS.device == "auto":
+    ARGS.device = "cuda" if torch.cuda.is_available() else "cpu"
 if ARGS.device == "cpu":  # before kernels.* is imported: triton picks the interpreter at decoration time
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch  # noqa: E402
 
 from engine.losses import distribution_matching_loss  # noqa: E402
 from kernels import dmd, noise  # noqa: E402
@@ -379,7 +381,7 @@ def emit(kind: str, row: dict, line: str):
 def main():
     dtype = getattr(torch, ARGS.dtype)
     if CUDA and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device here; run with --device cpu")
+        sys.exit("--device cuda: no CUDA device here; run with --device cpu (or auto)")
     machine = torch.cuda.get_device_name() if CUDA else f"{platform.processor() or platform.machine()} CPU"
     iters = ARGS.iters or (50 if CUDA else 3)
     step_iters = ARGS.step_iters or (20 if CUDA else 5)

@@ -8,6 +8,7 @@ an exported generator is read back, and which backends and extras it needs. A ne
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,21 +74,42 @@ def _toy_models(cfg, teacher) -> tuple[nn.Module, nn.Module]:
     return ToyGenerator(cfg.model.toy_hidden), mlp_denoiser(cfg.model.toy_hidden)
 
 
+def _class_name(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _unet_generator(folder: Path) -> bool:
+    return (folder / "unet" / "config.json").is_file() and _class_name(folder / "unet" / "config.json") != "UNet2DConditionModel"
+
+
+def _text_generator(folder: Path) -> bool:
+    return _class_name(folder / "unet" / "config.json") == "UNet2DConditionModel"
+
+
+def _toy_generator(folder: Path) -> bool:
+    return _class_name(folder / "config.json") == "ToyGenerator"
+
+
 @dataclass(frozen=True)
 class ModelKind:
     name: str
     load_teacher: Callable      # cfg -> (frozen teacher Denoiser, weights hash)
     trainables: Callable        # (cfg, teacher) -> (generator, fake score), built in that order (RNG draws)
     load_generator: Callable    # exported generator folder -> module
+    is_generator_folder: Callable  # folder -> bool: an exported generator of this kind
     check: Callable = _no_check  # (cfg, teacher): refuses a config the teacher cannot serve, before any work
     folder: bool = True         # the teacher is a diffusers folder (so ZeRO-3 can build it partitioned)
     text: bool = False          # latent text-to-image: prompts, text encoder and decoder (engine/text2image.py)
 
 
 KINDS = {
-    "unet": ModelKind("unet", _folder_teacher, _copies, OneStepGenerator.from_pretrained, _check_resolution),
-    "sd15": ModelKind("sd15", _folder_teacher, _copies, OneStepGenerator.from_pretrained, text=True),
-    "toy2d": ModelKind("toy2d", _toy_teacher, _toy_models, ToyGenerator.from_pretrained, folder=False),
+    "unet": ModelKind("unet", _folder_teacher, _copies, OneStepGenerator.from_pretrained, _unet_generator,
+                      _check_resolution),
+    "sd15": ModelKind("sd15", _folder_teacher, _copies, OneStepGenerator.from_pretrained, _text_generator, text=True),
+    "toy2d": ModelKind("toy2d", _toy_teacher, _toy_models, ToyGenerator.from_pretrained, _toy_generator, folder=False),
 }
 
 
@@ -103,6 +125,15 @@ def load_teacher(cfg) -> tuple[Denoiser, str]:
     teacher, h = kind.load_teacher(cfg)
     kind.check(cfg, teacher)
     return teacher.eval().requires_grad_(False), h
+
+
+def generator_folder_kind(folder: Path) -> str:
+    """The kind of an exported generator folder, read from its files, or one line saying it is none."""
+    for name, kind in KINDS.items():
+        if kind.is_generator_folder(Path(folder)):
+            return name
+    raise DMDError(f"'{folder}' is neither a run folder (config.json + generator/) nor an exported generator "
+                   f"folder (unet/ + scheduler/ + dmd_model.json, or a toy generator's config.json)")
 
 
 def load_generator(folder: Path, kind: str) -> nn.Module:

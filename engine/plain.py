@@ -16,18 +16,13 @@ from .backend import Backend, adamw, dtype_choice
 from .errors import DMDError
 from .files import damaged, load_tensors, recover_swapped, swap_in, write_digests
 from .kinds import load_teacher, model_kind
+from .devices import pick_device
 from .text2image import load_text
 
 
 def resolve_device(choice: str) -> torch.device:
     """train.device: auto = the first CUDA device when there is one, else the CPU."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice not in ("cuda", "cpu") and not choice.startswith("cuda:"):
-        raise DMDError(f"train.device must be auto, cuda, cuda:N or cpu, got '{choice}'")
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise DMDError(f"train.device is '{choice}' but torch sees no CUDA device (set it to auto or cpu)")
-    return torch.device(choice)
+    return pick_device(choice, "train.device")
 
 
 class PlainBackend(Backend):

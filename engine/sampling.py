@@ -20,18 +20,20 @@ def balanced_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
 @torch.no_grad()
 def draw(fn, n: int, shape, num_classes, seed: int = 0, batch_size: int = 500, desc: str = "sampling",
          device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Calls fn(z, cond) on batches of seeded unit noise; returns (samples, labels)."""
+    """Calls fn(z, cond) on batches of seeded unit noise; returns (samples, labels). fn returns images as
+    floats N×C×H×W in [-1, 1] or uint8 N×H×W×C (engine/fast_sampler.py), or the toy's 2-D points."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *shape), generator=g)
     labels = balanced_labels(n, num_classes)
     out = []
     for b in tqdm(range(0, n, batch_size), desc=desc, leave=False, dynamic_ncols=True):
         c = labels[b: b + batch_size].to(device) if labels is not None else None
-        out.append(fn(z[b: b + batch_size].to(device), c).float().cpu())
+        x = fn(z[b: b + batch_size].to(device), c)
+        out.append(x.cpu() if x.dtype == torch.uint8 else x.float().cpu())
     return torch.cat(out), labels
 
 
-def one_step(generator, condition=None, to_images=None):
+def with_condition(generator, condition=None, to_images=None):
     """fn(z, labels) for `draw`: condition maps labels to the generator's condition (text models: prompt
     indices -> embeddings), to_images decodes latents."""
     condition = condition or (lambda c: c)
@@ -45,12 +47,14 @@ def teacher_sampler(teacher, sampler: str, steps: int, guidance: float = 1.0):
 
 def save_samples(path, x: torch.Tensor, labels, grid: str | Path | None = None, meta: dict | None = None,
                  captions: list[str] | None = None):
-    """Images (N,C,H,W in [-1,1]) -> npz with images uint8 N×H×W×C and labels; 2-D points -> key 'samples'.
-    Written to a temporary file and renamed, so a crash never leaves a partial .npz behind."""
+    """Images (floats N,C,H,W in [-1,1], or uint8 N,H,W,C) -> npz with images uint8 N×H×W×C and labels;
+    2-D points -> key 'samples'. Written to a temporary file and renamed, so a crash never leaves a partial
+    .npz behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if x.ndim == 4:
-        arrays = {"images": to_uint8(x), "labels": (labels if labels is not None else torch.zeros(len(x))).long().numpy()}
+        images = x.numpy() if x.dtype == torch.uint8 else to_uint8(x)
+        arrays = {"images": images, "labels": (labels if labels is not None else torch.zeros(len(x))).long().numpy()}
     else:
         arrays = {"samples": x.numpy().astype(np.float32)}
     for k, v in (meta or {}).items():
@@ -77,9 +81,14 @@ def scatter(points: np.ndarray, path, title: str = ""):
     plt.close(fig)
 
 
+def uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 on x's device: the one rounding every sample path uses."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, as a numpy array."""
+    return uint8_images(x.detach().cpu()).numpy()
 
 
 def from_uint8(a: np.ndarray) -> torch.Tensor:

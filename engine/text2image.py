@@ -71,27 +71,31 @@ class TextToImage:
         return self.decoder(latents)
 
     def complete_pipeline(self, gen_folder: Path, schedule, prediction_type: str):
-        """Makes an exported generator folder a StableDiffusionPipeline folder that samples in one step:
-        the teacher's tokenizer, text encoder and VAE beside the generator's UNet, and a DDIM scheduler
-        whose single 'trailing' step is t = T-1 and lands on the x0 prediction (set_alpha_to_one)."""
-        from diffusers import DDIMScheduler
-        gen_folder = Path(gen_folder)
-        for part in PIPELINE_PARTS:
-            shutil.copytree(self.folder / part, gen_folder / part, copy_function=_link_or_copy, dirs_exist_ok=True)
-        p = schedule.params
-        DDIMScheduler(num_train_timesteps=p["num_train_timesteps"], beta_start=p["beta_start"], beta_end=p["beta_end"],
-                      beta_schedule=p["beta_schedule"], prediction_type=prediction_type, clip_sample=False,
-                      set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=1).save_pretrained(gen_folder / "scheduler")
-        index = self.folder / "model_index.json"
-        teacher_index = json.loads(index.read_text()) if index.is_file() else {}
-        model_index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
-                       "unet": ["diffusers", "UNet2DConditionModel"],
-                       "vae": teacher_index.get("vae", ["diffusers", "AutoencoderKL"]),
-                       "text_encoder": teacher_index.get("text_encoder", ["transformers", "CLIPTextModel"]),
-                       "tokenizer": teacher_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
-                       "safety_checker": [None, None], "feature_extractor": [None, None],
-                       "requires_safety_checker": False}
-        (gen_folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+        complete_pipeline(self.folder, gen_folder, schedule, prediction_type)
+
+
+def complete_pipeline(teacher_folder: Path, gen_folder: Path, schedule, prediction_type: str):
+    """Makes an exported generator folder a StableDiffusionPipeline folder that samples in one step:
+    the teacher's tokenizer, text encoder and VAE beside the generator's UNet, and a DDIM scheduler
+    whose single 'trailing' step is t = T-1 and lands on the x0 prediction (set_alpha_to_one)."""
+    from diffusers import DDIMScheduler
+    gen_folder = Path(gen_folder)
+    for part in PIPELINE_PARTS:
+        shutil.copytree(Path(teacher_folder) / part, gen_folder / part, copy_function=_link_or_copy, dirs_exist_ok=True)
+    p = schedule.params
+    DDIMScheduler(num_train_timesteps=p["num_train_timesteps"], beta_start=p["beta_start"], beta_end=p["beta_end"],
+                  beta_schedule=p["beta_schedule"], prediction_type=prediction_type, clip_sample=False,
+                  set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=1).save_pretrained(gen_folder / "scheduler")
+    index = Path(teacher_folder) / "model_index.json"
+    teacher_index = json.loads(index.read_text()) if index.is_file() else {}
+    model_index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+                   "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": teacher_index.get("vae", ["diffusers", "AutoencoderKL"]),
+                   "text_encoder": teacher_index.get("text_encoder", ["transformers", "CLIPTextModel"]),
+                   "tokenizer": teacher_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
+                   "safety_checker": [None, None], "feature_extractor": [None, None],
+                   "requires_safety_checker": False}
+    (gen_folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
 
 
 def _link_or_copy(src, dst):

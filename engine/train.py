@@ -30,7 +30,8 @@ from engine.pair_loader import make_pair_feed
 from engine.pairs import BatchSampler, PairReader, expected_manifest, write_pairs
 from engine.plots import plot_log
 from engine.runlog import RunLog
-from engine.sampling import draw, one_step, save_samples
+from engine.fast_sampler import OneStepSampler, SamplePath
+from engine.sampling import draw, save_samples
 from engine.text2image import DecodedRegression
 from engine.trainer import DMDTrainer
 
@@ -110,9 +111,13 @@ def regression_parts(cfg, models, out: Path, quiet: bool):
 
 def sample_images(models, n: int, seed: int, batch_size: int):
     """n one-step samples of the sampling generator (EMA when on), decoded; every process takes part."""
+    text = models.text
+    prep = (lambda c: text.encoder.token_ids([text.prompts[i] for i in c.tolist()])) if text else (lambda c: c)
     with torch.no_grad(), models.autocast(), models.sampling() as gen:
-        return draw(one_step(gen, models.condition, models.to_images), n, models.sample_shape, models.num_classes,
-                    seed=seed, batch_size=batch_size, device=models.device)
+        path = SamplePath(gen, text.encoder.text_encoder if text else None, text.decoder if text else None)
+        sampler = OneStepSampler(path, models.device, dtype=None, compile=False, cuda_graphs=False, max_batch=batch_size)
+        return draw(lambda z, c: sampler(z, prep(c) if c is not None else None), n, models.sample_shape,
+                    models.num_classes, seed=seed, batch_size=batch_size, device=models.device)
 
 
 def prompts_of(models, labels):

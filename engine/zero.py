@@ -31,7 +31,7 @@ import torch
 
 from models import Denoiser, OneStepGenerator, weights_hash
 
-from .backend import Backend, adamw, check_world, eval_mode, dtype_choice
+from .backend import Backend, adamw, check_world, dtype_choice
 from .distributed import ds_config, init_distributed, load_partitioned, tensors_only, warmup_scheduler
 from .errors import DMDError
 from .faults import kill_hook

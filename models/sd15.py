@@ -18,15 +18,17 @@ SD15_UNET_CONFIG = dict(
 
 def sd15_unet() -> tuple[nn.Module, str]:
     """A random-weight UNet2DConditionModel with SD1.5's config, and the attention it uses: xformers when
-    installed, else diffusers' default processor (torch SDPA)."""
+    installed, else torch SDPA (models/attention.py)."""
     from diffusers import UNet2DConditionModel
+
+    from .attention import AttentionError, use_attention, xformers_available
     net = UNet2DConditionModel(**SD15_UNET_CONFIG)
-    try:
-        import xformers  # noqa: F401
-        net.enable_xformers_memory_efficient_attention()
-        return net, "xformers"
-    except Exception:  # noqa: BLE001 - not installed, or no GPU build of it: keep SDPA
-        return net, "sdpa"
+    if xformers_available():
+        try:
+            return net, use_attention([net], "xformers")
+        except AttentionError:  # a build without CUDA kernels: keep SDPA
+            pass
+    return net, use_attention([net], "sdpa")
 
 
 def sd15_schedule() -> NoiseSchedule:
@@ -46,13 +48,25 @@ def make_tiny_sd(folder, seed: int = 0, max_length: int = 16):
     tokenizer whose vocabulary is single characters, a 2-layer CLIP text encoder, a 2-level cross-attention
     UNet on 4x8x8 latents, a 2-level AutoencoderKL (16x16 images) and SD1.5's schedule. For tests and the
     CPU walk-through of the sd15 path; StableDiffusionPipeline.from_pretrained reads it."""
+    return make_sd_folder(folder, "tiny", seed, max_length)
+
+
+def make_sd_folder(folder, size: str = "tiny", seed: int = 0, max_length: int | None = None, device="cpu",
+                   dtype=None):
+    """A Stable Diffusion folder at random weights: size "tiny" (see make_tiny_sd) or "sd15", SD1.5's own
+    text encoder, UNet and VAE configs (512 px; ~1.07 B parameters) for benchmarks that need the real
+    architecture and no weights. Both use the character-level tokenizer (SD1.5: 77 tokens)."""
     import json
+    import shutil
     from pathlib import Path
 
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    if size not in ("tiny", "sd15"):
+        raise ValueError(f"size must be tiny or sd15, got '{size}'")
     folder = Path(folder)
+    max_length = max_length or (16 if size == "tiny" else 77)
     syms = _byte_symbols()
     vocab = {s: i for i, s in enumerate(syms + [s + "</w>" for s in syms] + ["<|startoftext|>", "<|endoftext|>"])}
     tdir = folder / ".vocab"
@@ -62,22 +76,30 @@ def make_tiny_sd(folder, seed: int = 0, max_length: int = 16):
     tok = CLIPTokenizer(str(tdir / "vocab.json"), str(tdir / "merges.txt"), model_max_length=max_length)
     torch.manual_seed(seed)
     eot = vocab["<|endoftext|>"]
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
-                                        bos_token_id=vocab["<|startoftext|>"], eos_token_id=eot, pad_token_id=eot))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
+    ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=eot, pad_token_id=eot)
+    with torch.device(device):  # SD1.5-size weights are drawn where they will run
+        if size == "tiny":
+            text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2,
+                                                max_position_embeddings=max_length, **ids))
+            unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                        attention_head_dim=8, norm_num_groups=8)
+            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                                norm_num_groups=8, sample_size=16)
+        else:
+            text = CLIPTextModel(CLIPTextConfig(**{**SD15_TEXT_CONFIG, **ids}))
+            unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+            vae = AutoencoderKL(**SD15_VAE_CONFIG, scaling_factor=0.18215)
+    if dtype is not None:
+        text, unet, vae = (m.to(dtype) for m in (text, unet, vae))
     p = sd15_schedule().params
     sch = DDIMScheduler(beta_start=p["beta_start"], beta_end=p["beta_end"], beta_schedule=p["beta_schedule"],
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sch, safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
-    import shutil
     shutil.rmtree(tdir)
     return folder
 

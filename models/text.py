@@ -50,11 +50,14 @@ class PromptEncoder(nn.Module):
     def device(self):
         return next(self.text_encoder.parameters()).device
 
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """(N, L) token ids on the CPU, padded to the tokenizer's length: the text encoder's whole input."""
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device)).last_hidden_state
+        return self.text_encoder(self.token_ids(prompts).to(self.device)).last_hidden_state
 
 
 class LatentDecoder(nn.Module):

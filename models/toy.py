@@ -65,6 +65,7 @@ def mlp_denoiser(hidden: int = 128) -> Denoiser:
 
 class ToyGenerator(nn.Module):
     """z (B, 2) -> x (B, 2); starts as a narrow blob at `init_mean` (the right-hand mode, as in Fig. 3)."""
+    noise_shape = (2,)
 
     def __init__(self, hidden: int = 128, init_mean=MODES[1], init_scale: float = 0.3):
         super().__init__()

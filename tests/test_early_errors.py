@@ -52,3 +52,19 @@ def test_readme_coco_one_liner_makes_a_prompts_file(tmp_path):
     assert r.returncode == 0, r.stderr
     # whitespace tidied (a caption's line break included), duplicates dropped, first-seen order kept
     assert (tmp_path / "data/captions.txt").read_text() == "A dog on a beach.\nA cat.\n"
+
+
+def test_readme_coco30k_one_liner_takes_one_caption_per_image(tmp_path):
+    """The README's COCO-30k prompts one-liner, as written, on a small val captions file (3 images, so all kept)."""
+    import subprocess
+    from conftest import ROOT
+    line = next(l for l in (ROOT / "README.md").read_text().splitlines() if "captions_val2014.json" in l
+                and l.startswith("mkdir -p data"))
+    (tmp_path / "annotations").mkdir()
+    anns = [{"image_id": 7, "id": 9, "caption": "second  caption of 7"}, {"image_id": 7, "id": 2, "caption": "A red\nbus."},
+            {"image_id": 3, "id": 5, "caption": "A cat."}, {"image_id": 4, "id": 6, "caption": "A dog."}]
+    (tmp_path / "annotations/captions_val2014.json").write_text(json.dumps({"annotations": anns}))
+    r = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "data/coco30k.txt").read_text().splitlines()
+    assert sorted(lines) == ["A cat.", "A dog.", "A red bus."]  # one per image: the first by caption id, tidied

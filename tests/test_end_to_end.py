@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
 from test_config_cli import run
 
 
@@ -156,7 +155,10 @@ def test_device_choice(monkeypatch):
     with pytest.raises(DMDError, match="train.device must be auto, cuda, cuda:N or cpu, got 'tpu'"):
         resolve_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DMDError, match="train.device is 'cuda:2' but torch sees 2 CUDA device"):
+        resolve_device("cuda:2")
 
 
 def test_plain_run_reports_its_device(tmp_path, tiny_teacher_dir):

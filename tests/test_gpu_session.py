@@ -9,11 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_BENCH = "--device cpu --shapes digits --iters 1 --step-iters 1 --no-compile"
+CPU_LATENCY = "--device cpu --models digits --batches 1,2 --providers eager,stock --iters 1"
 
 
 def _run(tmp_path, *args, **env):
     e = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_PYTHON": sys.executable, "GPU_WHEELS": str(tmp_path / "none"),
-         "GPU_BENCH_ARGS": CPU_BENCH, **env}
+         "GPU_BENCH_ARGS": CPU_BENCH, "GPU_LATENCY_ARGS": CPU_LATENCY, **env}
     return subprocess.run(["bash", "bench/gpu_session.sh", *args], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=600)
 
@@ -21,7 +22,7 @@ def _run(tmp_path, *args, **env):
 def test_unknown_phase_is_one_clear_line(tmp_path):
     r = _run(tmp_path, "benchmarks")
     assert r.returncode == 2
-    assert r.stderr.strip() == "gpu_session: unknown phase 'benchmarks' (all, tests, kernels or steps)"
+    assert r.stderr.strip() == "gpu_session: unknown phase 'benchmarks' (all, tests, latency, kernels or steps)"
 
 
 def test_kernel_phase_writes_every_row_as_json(tmp_path):
@@ -40,13 +41,16 @@ def test_kernel_phase_writes_every_row_as_json(tmp_path):
 def test_default_run_caps_each_phase(tmp_path):
     """The default (all) runs the three phases in order; a phase over its cap is cut off with a note and the
     script exits non-zero, while the phases within their caps keep their results."""
-    r = _run(tmp_path, GPU_CAP_TESTS="120", GPU_CAP_KERNELS="120", GPU_CAP_STEPS="1")
+    r = _run(tmp_path, GPU_CAP_TESTS="120", GPU_CAP_LATENCY="120", GPU_CAP_KERNELS="120", GPU_CAP_STEPS="1")
     out = r.stdout
     assert r.returncode == 1, out[-2000:] + r.stderr[-2000:]
-    order = [out.index(f"== gpu_session: {p} (cap") for p in ("tests", "kernels", "steps")]
+    order = [out.index(f"== gpu_session: {p} (cap") for p in ("tests", "latency", "kernels", "steps")]
     assert order == sorted(order)
     assert "deselected" in (tmp_path / "out/gpu_tests.log").read_text()  # pytest ran, CPU tests deselected
     assert json.loads((tmp_path / "out/throughput_kernels.json").read_text())["kernels"]
+    lat = json.loads((tmp_path / "out/latency.json").read_text())["rows"]
+    assert {(r["provider"], r["batch"]) for r in lat} == {(p, b) for p in ("eager", "stock") for b in (1, 2)}
+    assert all(r["max_diff_vs_eager"] == 0 for r in lat)  # the stock call and the sampler draw the same digits
     assert "== gpu_session: steps cut off at its cap of 1s" in out
     assert "== gpu_session: kernels cut off" not in out
 

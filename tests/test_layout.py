@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGES = ("engine", "models", "kernels", "examples")
-ENTRY_POINTS = {"engine/train.py", "engine/make_pairs.py", "engine/infer.py"}
+ENTRY_POINTS = {"engine/train.py", "engine/make_pairs.py", "engine/infer.py", "engine/evaluate.py"}
 MAX_LINES = 320  # "about 300"
 
 
@@ -114,4 +114,4 @@ def test_model_kind_is_decided_in_one_place():
         if rel != "engine/kinds.py":
             for kind in ('"unet"', '"sd15"', '"toy2d"'):
                 assert f"kind == {kind}" not in text and f"kind != {kind}" not in text, f"{rel} tests {kind}"
-                assert f"kind in (" not in text and "kind not in (" not in text, f"{rel} tests model.kind"
+                assert "kind in (" not in text and "kind not in (" not in text, f"{rel} tests model.kind"
