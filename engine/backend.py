@@ -28,6 +28,26 @@ def adamw(params, lr: float, tc) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
 
 
+def warmup_scheduler(opt, warm: int):
+    """deepspeed.lr_warmup_steps, both backends: linear warm-up to the configured rate over `warm` updates,
+    then constant (0 = constant from the start; DMD2 warms up too)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+
+def set_dropout(choice: str, *modules) -> int:
+    """train.dropout for the trained copies: "none" (DMD2: every dropout layer at p = 0, so the generator and
+    the fake score see what the teacher, in eval mode, sees) or "teacher" (keep the teacher's rates, the
+    original DMD engine's behaviour). Returns how many layers were zeroed."""
+    if choice == "teacher":
+        return 0
+    if choice != "none":
+        raise DMDError(f"train.dropout must be none or teacher, got '{choice}'")
+    layers = [m for mod in modules for m in mod.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for m in layers:
+        m.p = 0.0
+    return len(layers)
+
+
 def rank_slice(x, rank: int, world: int):
     """Process `rank`'s contiguous share of a global batch (dim 0): how every ZeRO-3 rank keeps its samples."""
     if x is None or world == 1:

@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch import nn
 
+from .errors import root_cause
+
 
 def resolve_mode(mode: str, device: torch.device) -> str:
     if mode == "auto":
@@ -64,12 +66,7 @@ class CompiledModule:
         return self.error is None
 
     def _fail(self, e: BaseException):
-        root = e  # dynamo wraps the backend's exception; its own first line says little
-        for _ in range(8):
-            inner = getattr(root, "inner_exception", None) or root.__cause__
-            if inner is None:
-                break
-            root = inner
+        root = root_cause(e)
         lines = str(root).strip().splitlines()
         self.error = type(e).__name__ + (f" ({type(root).__name__}: {lines[0]})" if root is not e else
                                          f": {lines[0] if lines else ''}")

@@ -72,8 +72,12 @@ class TrainSection:
     lpips_backbone: str = "pretrained"  # "pretrained" (torch cache) or "random" (tests/demo; printed in results)
     lpips_net: str = "alex"
     lpips_size: int = 64              # images are resized to this before LPIPS
-    min_t_frac: float = 0.02
+    min_t_frac: float = 0.02          # the DM loss's t ~ U[min_t_frac T, max_t_frac T] (DMD Sec. 3.2)
     max_t_frac: float = 0.98
+    fake_t_range: str = "dm"          # the fake score's denoising t: "dm" (the DM loss's range above) or "all"
+                                      # ([0, T), as DMD2 trains it)
+    dropout: str = "none"             # trained copies' dropout: "none" (p = 0, DMD2; they see what the teacher in
+                                      # eval mode sees) or "teacher" (keep the teacher's rates)
     real_guidance: float = 1.0        # CFG scale of the real score (text models: 3 for FID, 8 for quality)
     seed: int = 0
     log_every: int = 25
@@ -104,7 +108,8 @@ class DeepSpeedSection:
     offload_optimizer: bool = False   # optimiser state and fp32 master weights in CPU memory
     gradient_checkpointing: bool = False  # recompute generator / fake-score activations in backward
     persistence_threshold: int = 0    # parameters with fewer elements stay whole on every rank (DeepSpeed: 1e5)
-    lr_warmup_steps: int = 0          # linear LR warm-up of both optimisers (their LR schedulers), 0 = constant
+    lr_warmup_steps: int = 0          # both backends: linear LR warm-up of both optimisers, then constant (0 =
+                                      # constant from the start)
     keep_checkpoints: int = 2         # newest complete checkpoints kept in OUT/checkpoints/
 
 
@@ -163,7 +168,8 @@ RULES = {
                      "device": DEVICE, "max_consecutive_skips": POS, "kernels": _choice("auto", "eager", "triton"),
                      "compile_mode": _choice("auto", "default", "reduce-overhead", "max-autotune",
                                              "max-autotune-no-cudagraphs"),
-                     "compile_scope": _choice("generator", "all"),
+                     "compile_scope": _choice("generator", "all"), "fake_t_range": _choice("dm", "all"),
+                     "dropout": _choice("none", "teacher"),
                      "section": ((lambda s: s.min_t_frac < s.max_t_frac), "min_t_frac < max_t_frac")},
     "DeepSpeedSection": {"zero_stage": _choice(3), "backend": _choice("auto", "nccl", "gloo"),
                          "precision": _choice("auto", "fp32", "bf16"), "teacher_dtype": _choice("auto", "fp32", "bf16"),

@@ -88,11 +88,6 @@ def load_partitioned(net: torch.nn.Module, file, rank: int, deepspeed):
                 b.data.copy_(f.get_tensor(prefix + n))
 
 
-def warmup_scheduler(opt, warm: int):
-    """deepspeed.lr_warmup_steps: linear warm-up to the configured rate, then constant (0 = constant)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-
-
 def tensors_only(engine):
     """Makes a DeepSpeed engine read its checkpoint files as tensors only. DeepSpeed's own reader calls
     torch.load(weights_only=False), which runs whatever code a crafted file holds; this one is

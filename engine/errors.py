@@ -12,3 +12,15 @@ class ConfigError(DMDError, ValueError):
 
 class PairsError(DMDError):
     """A pairs folder that is missing, incomplete, corrupt or made for another teacher or config."""
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost error behind `e`: dynamo and other wrappers re-raise the real failure with a first line
+    that says little, so one-line reports name the root instead."""
+    root = e
+    for _ in range(8):
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None:
+            break
+        root = inner
+    return root

@@ -20,6 +20,7 @@ import sys
 import torch
 from torch import nn
 
+from .errors import root_cause
 from .sampling import uint8_images
 
 
@@ -50,12 +51,7 @@ def buckets(max_batch: int) -> list[int]:
 
 
 def _first_line(e: BaseException) -> str:
-    root = e  # dynamo wraps the backend's error; the innermost one says what failed
-    for _ in range(8):
-        inner = getattr(root, "inner_exception", None) or root.__cause__
-        if inner is None:
-            break
-        root = inner
+    root = root_cause(e)
     lines = str(root).strip().splitlines()
     return f"{type(root).__name__}: {lines[0][:200] if lines else ''}"
 

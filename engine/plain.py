@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .backend import Backend, adamw, dtype_choice
+from .backend import Backend, adamw, dtype_choice, set_dropout, warmup_scheduler
 from .errors import DMDError
 from .files import damaged, load_tensors, recover_swapped, swap_in, write_digests
 from .kinds import load_teacher, model_kind
@@ -44,9 +44,11 @@ class PlainBackend(Backend):
         self.generator, self.fake = self.kind.trainables(cfg, self.teacher)
         self.generator.to(self.device, torch.float32).train().requires_grad_(True)
         self.fake.to(self.device, torch.float32).train().requires_grad_(True)
+        set_dropout(tc.dropout, self.generator, self.fake)
         self.teacher.to(self.teacher_dtype)
         self.opt = {"generator": adamw(self.generator.parameters(), tc.lr_generator, tc),
                     "fake": adamw(self.fake.parameters(), tc.lr_fake, tc)}
+        self.sched = {k: warmup_scheduler(o, dc.lr_warmup_steps) for k, o in self.opt.items()}
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval() if tc.ema_decay > 0 else None
         self._pending: set[str] = set()  # models with gradients accumulated for the update in progress
         self._norms: dict = {}  # each pending update's gradient norm, from grad_norm
@@ -77,6 +79,7 @@ class PlainBackend(Backend):
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if norm is None else norm
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.grad_clip, norm)
         self.opt[name].step()
+        self.sched[name].step()
         self._pending.discard(name)
 
     def discard(self, name: str):
@@ -105,7 +108,8 @@ class PlainBackend(Backend):
     # --- checkpoints ----------------------------------------------------------------------------------------
     def _state_dict(self) -> dict:
         s = {"generator": self.generator.state_dict(), "fake": self.fake.state_dict(),
-             "opt_g": self.opt["generator"].state_dict(), "opt_f": self.opt["fake"].state_dict()}
+             "opt_g": self.opt["generator"].state_dict(), "opt_f": self.opt["fake"].state_dict(),
+             "sched_g": self.sched["generator"].state_dict(), "sched_f": self.sched["fake"].state_dict()}
         if self.ema is not None:
             s["ema"] = self.ema.state_dict()
         return s
@@ -115,6 +119,9 @@ class PlainBackend(Backend):
         self.fake.load_state_dict(s["fake"])
         self.opt["generator"].load_state_dict(s["opt_g"])
         self.opt["fake"].load_state_dict(s["opt_f"])
+        if "sched_g" in s:  # checkpoints from before the one-process warm-up have none (constant LR)
+            self.sched["generator"].load_state_dict(s["sched_g"])
+            self.sched["fake"].load_state_dict(s["sched_f"])
         if self.ema is not None:
             self.ema.load_state_dict(s["ema"])
 

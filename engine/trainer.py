@@ -48,10 +48,13 @@ class DMDTrainer:
         dev = self.m.device
         return z.to(dev), (cond.to(dev) if cond is not None else None)
 
-    def _t_eps(self, n_local: int):
+    def _t_eps(self, n_local: int, fake: bool = False):
+        """t and unit noise for a per-process batch; fake=True: the fake score's range (train.fake_t_range)."""
         sch = self.m.teacher.schedule
         n = n_local * self.m.world_size
-        t = self.m.local(sch.sample_t(n, self.tc.min_t_frac, self.tc.max_t_frac, self.rng)).to(self.m.device)
+        lo, hi = (0.0, 1.0) if fake and getattr(self.tc, "fake_t_range", "dm") == "all" else \
+            (self.tc.min_t_frac, self.tc.max_t_frac)
+        t = self.m.local(sch.sample_t(n, lo, hi, self.rng)).to(self.m.device)
         eps = self.m.local(torch.randn((n, *self.m.sample_shape), generator=self.rng)).to(self.m.device)
         return t, eps
 
@@ -105,7 +108,7 @@ class DMDTrainer:
             z, cond = self.noise(tc.batch_size)
             with torch.no_grad():
                 x = torch.cat([m.generator(z[sl], _take(cond, sl)) for sl, _ in self._micro(z.shape[0])])
-        t, eps = self._t_eps(x.shape[0])
+        t, eps = self._t_eps(x.shape[0], fake=True)
         total = x.new_zeros((), dtype=torch.float32)
         for sl, share in self._micro(x.shape[0]):
             part = denoising_loss(m.fake, x[sl], t[sl], eps[sl].to(x), _take(cond, sl), tc.fake_loss_weighting)

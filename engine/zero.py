@@ -31,8 +31,8 @@ import torch
 
 from models import Denoiser, OneStepGenerator, weights_hash
 
-from .backend import Backend, adamw, check_world, dtype_choice
-from .distributed import ds_config, init_distributed, load_partitioned, tensors_only, warmup_scheduler
+from .backend import Backend, adamw, check_world, dtype_choice, set_dropout, warmup_scheduler
+from .distributed import ds_config, init_distributed, load_partitioned, tensors_only
 from .errors import DMDError
 from .faults import kill_hook
 from .files import load_tensors, write_digests
@@ -84,6 +84,7 @@ class ZeroBackend(Backend):
         # The trainer calls the modules themselves: ZeRO-3's hooks live on them, so each call gathers and
         # releases the partitions as a call through the engine does.
         self.generator, self.fake = self.engines["generator"].module, self.engines["fake"].module
+        set_dropout(cfg.train.dropout, self.generator, self.fake)
         # Generator EMA, partitioned like the generator: an fp32 shadow of this rank's master partition of
         # each parameter, so the EMA costs 1/world of a model per rank and no collective per step.
         self.ema_parts = None
