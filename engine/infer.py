@@ -24,8 +24,8 @@ from engine.errors import DMDError
 from engine.exported import is_run_folder, open_generator
 from engine.fast_sampler import OneStepSampler, SamplePath
 from engine.files import resolve_path
-from engine.outputs import check_out, write_samples
-from engine.sampling import draw
+from engine.outputs import SampleSink, check_out
+from engine.sampling import balanced_labels, draw
 from models.attention import AttentionError, use_attention
 
 DEFAULT_GENERATOR = "assets/digits_generator"  # the `make demo` generator (bench/RESULTS.md has its FD)
@@ -89,7 +89,8 @@ def prompt_list(args, default: list[str]) -> list[str]:
 
 
 def sample_generator(args, folder: Path, device, dtype):
-    """One-step samples through the fixed-shape sampler; returns (images, labels, prompts, what)."""
+    """One-step sampling through the fixed-shape sampler: (fn for draw, noise shape, condition count, prompts,
+    draw's device, progress label, what ran: called after sampling, as a fallback may change it)."""
     parts = open_generator(folder, args.decoder)
     if not parts.text and (args.prompt or args.prompts):
         raise DMDError(f"--prompt/--prompts need a text generator; '{parts.folder}' is a {parts.kind} generator")
@@ -109,15 +110,14 @@ def sample_generator(args, folder: Path, device, dtype):
         prep = lambda c: ids[c.cpu()]  # noqa: E731 - prompt indices -> token ids, the path's text input
     if compile_:
         print("compiling the sampler on first use of each batch size (--no-compile skips this)...", flush=True)
-    x, labels = draw(lambda z, c: sampler(z, prep(c) if c is not None else None), args.num, parts.noise_shape,
-                     n_cond, args.seed, args.batch_size, "sampling")
-    what = f"generator (1 NFE, {sampler.mode}, {str(dtype).replace('torch.', '')}, {device})"  # after any fallback
-    per_sample = [prompts[int(i)] for i in labels] if prompts else None
-    return x, labels, per_sample, what
+    fn = lambda z, c: sampler(z, prep(c) if c is not None else None)  # noqa: E731
+    what = lambda: f"generator (1 NFE, {sampler.mode}, {str(dtype).replace('torch.', '')}, {device})"  # noqa: E731
+    return fn, parts.noise_shape, n_cond, prompts, "cpu", "sampling", what
 
 
 def sample_teacher(args, folder: Path, device):
-    """The run's teacher with its ODE sampler, eager, fp32 (the reference the generator is measured against)."""
+    """The run's teacher with its ODE sampler, eager, fp32 (the reference the generator is measured against);
+    returns what sample_generator returns."""
     from engine.config import DMDConfig, load
     from engine.kinds import load_teacher
     from engine.sampling import teacher_sampler, with_condition
@@ -135,11 +135,10 @@ def sample_teacher(args, folder: Path, device):
     if text is not None and args.prompt:
         text.prompts = list(args.prompt)
     fn = with_condition(teacher_sampler(teacher, args.sampler, args.steps, args.guidance or 1.0),
-                  text.embed if text else None, text.decode if text else None)
-    x, labels = draw(fn, args.num, teacher.sample_shape, condition_count(teacher, text), args.seed,
-                     args.batch_size, "teacher", device)
-    per_sample = [text.prompts[int(i)] for i in labels] if text is not None else None
-    return x, labels, per_sample, f"teacher {args.sampler} x{args.steps} ({nfe(args.sampler, args.steps)} NFE, {device})"
+                        text.embed if text else None, text.decode if text else None)
+    what = f"teacher {args.sampler} x{args.steps} ({nfe(args.sampler, args.steps)} NFE, {device})"
+    return (fn, teacher.sample_shape, condition_count(teacher, text), text.prompts if text else None, device,
+            "teacher", lambda: what)
 
 
 def main():
@@ -148,13 +147,18 @@ def main():
     dtype = pick_dtype(args.dtype, device)
     folder = resolve_path(args.checkpoint)
     t0 = time.time()
-    if args.teacher:
-        x, labels, prompts, what = sample_teacher(args, folder, device)
-    else:
-        x, labels, prompts, what = sample_generator(args, folder, device, dtype)
-    dt = time.time() - t0
-    written = write_samples(args.out, x, labels, prompts, args.grid)
-    print(f"{what}: {args.num} samples in {dt:.2f} s, start-up and compilation included")
+    plan = sample_teacher(args, folder, device) if args.teacher else sample_generator(args, folder, device, dtype)
+    fn, shape, n_cond, prompts, draw_device, desc, what = plan
+    labels = balanced_labels(args.num, n_cond)  # what draw uses: prompts cycle over the samples
+    sink = SampleSink(args.out, args.num, [prompts[int(i)] for i in labels] if prompts else None, args.grid)
+    try:  # batch by batch to disk: memory holds one batch whatever --num is
+        draw(fn, args.num, shape, n_cond, args.seed, args.batch_size, desc, draw_device, sink=sink.add)
+        dt = time.time() - t0
+        written = sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    print(f"{what()}: {args.num} samples in {dt:.2f} s, start-up and compilation included")
     for k in ("samples", "grid"):
         if k in written:
             print(f"  {k}: {written[k]}")

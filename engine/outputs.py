@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import DMDError
-from .sampling import save_samples, to_uint8
+from .sampling import save_grid, scatter, to_uint8
 
 OUR_FILES = re.compile(r"^(\d{5,}_.*\.png|samples\.npz|grid\.png)$")
 
@@ -44,49 +44,100 @@ def check_out(out, grid=None):
                            f"or empty folder")
 
 
-def write_samples(out, x: torch.Tensor, labels, prompts: list[str] | None = None, grid=None) -> dict:
-    """x: uint8 N×H×W×C images (or the toy's float points); labels: class or prompt indices; prompts: each
-    sample's prompt (text models). out ending in .npz: that file (+ `grid` if given); otherwise a folder.
-    Returns the paths written, by kind."""
-    out = Path(out)
-    if x.ndim == 4 and x.dtype != torch.uint8:
-        x = torch.from_numpy(to_uint8(x))
-    meta = {"prompts": np.asarray(prompts, dtype=str)} if prompts else None
-    if out.suffix == ".npz":
-        save_samples(out, x, labels, grid, meta=meta, captions=prompts)
-        return {"samples": out, **({"grid": Path(grid)} if grid else {})}
-    check_out(out)
-    tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_samples(tmp / "samples.npz", x, labels, tmp / "grid.png", meta=meta, captions=prompts)
-        n_png = _pngs(tmp, x, labels, prompts)
-        if out.exists():
-            out.rename(old)
+class SampleSink:
+    """Takes samples batch by batch (engine/sampling.draw's `sink`), so memory holds one batch, not the whole
+    request (COCO-30k at 512 px is 23.6 GB): images go to a disk-backed array and, for a folder, straight to
+    their PNGs. close() writes samples.npz (streamed from that array), the grid, and swaps the result in;
+    abort() leaves the earlier output as it was.
+
+    out ending in .npz: that file (+ `grid` if given); otherwise a folder. prompts: each sample's prompt."""
+
+    def __init__(self, out, n: int, prompts: list[str] | None = None, grid=None):
+        self.out, self.n, self.prompts, self.grid = Path(out), n, prompts, grid
+        check_out(self.out, grid)
+        self.folder = self.out.suffix != ".npz"
+        self.tmp = self.out.with_name(f".{self.out.name}.partial{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.images, self.points, self.k, self.pngs = None, [], 0, 0
+        self.labels = np.zeros(n, np.int64)
+
+    def add(self, x: torch.Tensor, labels=None):
+        b = len(x)
+        if labels is not None:
+            self.labels[self.k: self.k + b] = labels.numpy()
+        if x.ndim != 4:  # the toy's 2-D points: small, kept in memory
+            self.points.append(x.float().numpy())
+        else:
+            a = x.numpy() if x.dtype == torch.uint8 else to_uint8(x)
+            if self.images is None:
+                self.images = np.lib.format.open_memmap(self.tmp / ".images.npy", mode="w+", dtype=np.uint8,
+                                                        shape=(self.n, *a.shape[1:]))
+            self.images[self.k: self.k + b] = a
+            if self.folder:
+                self.pngs += _pngs(self.tmp, a, self.labels, self.prompts, self.k)
+        self.k += b
+
+    def close(self) -> dict:
         try:
-            tmp.rename(out)
-        except BaseException:
-            if old.exists() and not out.exists():
-                old.rename(out)  # the earlier output back in its place
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    written = {"samples": out / "samples.npz", "grid": out / "grid.png", "pngs": n_png}
-    if grid:
-        shutil.copyfile(out / "grid.png", grid)
-        written["grid"] = Path(grid)
-    return written
+            arrays = {"samples": np.concatenate(self.points).astype(np.float32)} if self.images is None else \
+                {"images": self.images, "labels": self.labels}
+            if self.prompts:
+                arrays["prompts"] = np.asarray(self.prompts, dtype=str)
+            np.savez(self.tmp / "samples.npz", **arrays)
+            grid = self.tmp / "grid.png" if self.folder else self.grid
+            if grid and self.images is not None:
+                save_grid(np.asarray(self.images[:100]), grid, captions=self.prompts[:100] if self.prompts else None)
+            elif grid:
+                scatter(arrays["samples"], grid)
+            self.images = None  # the memory map closed before its file goes
+            (self.tmp / ".images.npy").unlink(missing_ok=True)
+            if not self.folder:
+                os.replace(self.tmp / "samples.npz", self.out)
+                return {"samples": self.out, **({"grid": Path(self.grid)} if self.grid else {})}
+            _swap_in(self.tmp, self.out)
+        finally:
+            self.abort()
+        written = {"samples": self.out / "samples.npz", "grid": self.out / "grid.png", "pngs": self.pngs}
+        if self.grid:
+            shutil.copyfile(self.out / "grid.png", self.grid)
+            written["grid"] = Path(self.grid)
+        return written
+
+    def abort(self):
+        self.images = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _pngs(folder: Path, x: torch.Tensor, labels, prompts) -> int:
-    if x.ndim != 4:
-        return 0  # the toy's points have no images
+def _swap_in(tmp: Path, out: Path):
+    """tmp becomes out; the earlier out is removed only once the new one is in place, and put back if not."""
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_samples(out, x: torch.Tensor, labels, prompts: list[str] | None = None, grid=None) -> dict:
+    """All samples at once through a SampleSink; returns the paths written, by kind."""
+    sink = SampleSink(out, len(x), prompts, grid)
+    try:
+        sink.add(x, labels)
+        return sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _pngs(folder: Path, images: np.ndarray, labels: np.ndarray, prompts, start: int) -> int:
     from PIL import Image
-    images = x.numpy()
-    for i, im in enumerate(images):
-        name = slug(prompts[i]) if prompts else f"class{int(labels[i])}" if labels is not None else "sample"
+    for j, im in enumerate(images):
+        i = start + j
+        name = slug(prompts[i]) if prompts else f"class{int(labels[i])}"
         Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(folder / f"{i:05d}_{name}.png")
     return len(images)

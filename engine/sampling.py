@@ -19,9 +19,10 @@ def balanced_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
 
 @torch.no_grad()
 def draw(fn, n: int, shape, num_classes, seed: int = 0, batch_size: int = 500, desc: str = "sampling",
-         device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+         device="cpu", sink=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Calls fn(z, cond) on batches of seeded unit noise; returns (samples, labels). fn returns images as
-    floats N×C×H×W in [-1, 1] or uint8 N×H×W×C (engine/fast_sampler.py), or the toy's 2-D points."""
+    floats N×C×H×W in [-1, 1] or uint8 N×H×W×C (engine/fast_sampler.py), or the toy's 2-D points.
+    sink(samples, labels): takes each batch as it comes (engine/outputs.SampleSink); samples is then None."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *shape), generator=g)
     labels = balanced_labels(n, num_classes)
@@ -29,8 +30,12 @@ def draw(fn, n: int, shape, num_classes, seed: int = 0, batch_size: int = 500, d
     for b in tqdm(range(0, n, batch_size), desc=desc, leave=False, dynamic_ncols=True):
         c = labels[b: b + batch_size].to(device) if labels is not None else None
         x = fn(z[b: b + batch_size].to(device), c)
-        out.append(x.cpu() if x.dtype == torch.uint8 else x.float().cpu())
-    return torch.cat(out), labels
+        x = x.cpu() if x.dtype == torch.uint8 else x.float().cpu()
+        if sink is not None:
+            sink(x, labels[b: b + batch_size] if labels is not None else None)
+        else:
+            out.append(x)
+    return (torch.cat(out) if out else None), labels
 
 
 def with_condition(generator, condition=None, to_images=None):

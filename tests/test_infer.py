@@ -294,3 +294,27 @@ def test_toy_generator_folder_writes_points_and_a_scatter_plot(tmp_path):
     with np.load(tmp_path / "o" / "samples.npz") as f:
         assert f["samples"].shape == (50, 2) and np.isfinite(f["samples"]).all()
     assert sorted(q.name for q in (tmp_path / "o").iterdir()) == ["grid.png", "samples.npz"]  # no per-sample PNGs
+
+
+def test_samples_stream_to_disk_batch_by_batch(tmp_path):
+    """infer.py never holds the whole request: draw hands each batch to the sink, which writes it to disk."""
+    from engine.outputs import SampleSink
+    from engine.sampling import draw
+    seen = []
+    for out in (tmp_path / "s.npz", tmp_path / "folder"):
+        sink = SampleSink(out, 10)
+
+        def spy(x, labels):
+            seen.append(len(x))
+            sink.add(x, labels)
+        fn = lambda z, c: (torch.full((len(z), 4, 4, 1), 7) + c.view(-1, 1, 1, 1)).to(torch.uint8)  # noqa: E731
+        x, _ = draw(fn, 10, (1, 4, 4), 3, batch_size=4, sink=spy)
+        assert x is None
+        sink.close()
+    assert seen == [4, 4, 2] * 2
+    for npz in (tmp_path / "s.npz", tmp_path / "folder" / "samples.npz"):
+        with np.load(npz) as f:
+            assert f["images"][:, 0, 0, 0].tolist() == [7 + i % 3 for i in range(10)]
+            assert f["labels"].tolist() == [i % 3 for i in range(10)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "s.npz"]  # no temporary array left
+    assert len(list((tmp_path / "folder").glob("0*_class*.png"))) == 10
