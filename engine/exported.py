@@ -33,7 +33,6 @@ class GeneratorParts:
     num_classes: int | None = None
     encoder: PromptEncoder | None = None        # text kinds
     decoder: LatentDecoder | None = None        # text kinds
-    run_config: object = None                   # the run's DMDConfig when opened from a run folder
     prompts: list[str] = field(default_factory=list)  # text kinds: the run's data.prompts, when readable
 
     @property
@@ -82,7 +81,7 @@ def open_generator(path, decoder: str | None = None) -> GeneratorParts:
     gen = load_generator(path, kind)
     d = getattr(gen, "denoiser", None)  # the toy's MLP generator has none
     shape, classes = (tuple(d.sample_shape), d.num_classes) if d is not None else (tuple(gen.noise_shape), None)
-    parts = GeneratorParts(path, kind, gen, shape, classes, run_config=cfg, prompts=prompts)
+    parts = GeneratorParts(path, kind, gen, shape, classes, prompts=prompts)
     if mk.text:
         parts.encoder = PromptEncoder.from_pretrained(path)
         dec = resolve_path(decoder) if decoder else path / "vae"
