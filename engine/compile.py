@@ -35,6 +35,15 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def build_device_tables(module: nn.Module, device):
+    """Builds, eagerly, the lookup tables `module`'s parts cache per device (the noise schedule's): built inside
+    the first compiled call they would be outputs of a CUDA graph, overwritten by its next replay."""
+    for sub in module.modules():
+        tables = getattr(getattr(sub, "schedule", None), "tables", None)
+        if callable(tables):
+            tables(device)
+
+
 class CompiledModule:
     """Calls `module` through torch.compile, or eagerly after a warning when compilation fails.
 
@@ -48,13 +57,8 @@ class CompiledModule:
         self.cuda_graphs = device.type == "cuda" and self.mode in ("reduce-overhead", "max-autotune")
         self.error: str | None = None
         self._probed: set = set()  # input signatures whose backward compiled fine
-        # Lookup tables a module caches per device (the noise schedule's) are built here, eagerly: built inside the
-        # first compiled call they would be outputs of a CUDA graph, overwritten by its next replay.
         param = next(module.parameters(), None)
-        for sub in module.modules():
-            tables = getattr(getattr(sub, "schedule", None), "tables", None)
-            if callable(tables):
-                tables(param.device if param is not None else device)
+        build_device_tables(module, param.device if param is not None else device)
         try:
             self.compiled = torch.compile(module, mode=self.mode if backend == "inductor" else None,
                                           backend=backend, dynamic=False)

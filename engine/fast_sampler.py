@@ -20,6 +20,7 @@ import sys
 import torch
 from torch import nn
 
+from .compile import build_device_tables
 from .errors import root_cause
 from .sampling import uint8_images
 
@@ -77,12 +78,7 @@ class OneStepSampler:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        # the noise schedule's device tables are built eagerly: built inside a captured graph they would be
-        # graph outputs, overwritten by the next replay (engine/compile.py has the same rule)
-        for sub in self.path.modules():
-            tables = getattr(getattr(sub, "schedule", None), "tables", None)
-            if callable(tables):
-                tables(self.device)
+        build_device_tables(self.path, self.device)  # before any capture, as engine/compile.py does
         if compile and self.device.type == "cpu":  # inductor's C++ path warns that no CUDA is installed
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         if compile:  # each bucket is one static-shape graph: let dynamo keep all of them, not fall back at 8
