@@ -1,16 +1,18 @@
-"""One-step sampling latency: the stock diffusers call against the engine's sampler, eager, compiled, and compiled
+"""Generator sampling latency: the stock diffusers call against the engine's sampler, eager, compiled, and compiled
 with CUDA graphs (CUDA only), on the same exported generator folder.
 
     python bench/latency.py                                 # whatever device is here; CPU: digits + tiny SD
     python bench/latency.py --models sd15,sd15-taesd --json runs/latency.json   # GPU: SD1.5 architecture, 512 px
+    python bench/latency.py --models tiny-sd --timesteps 999,749,499,249      # a 4-step generator (DMD2)
 
 Models: `digits` is the shipped generator (assets/digits_generator); `tiny-sd` a tiny Stable Diffusion folder
 at random weights (models/sd15.py), exported as a run exports its generator; `sd15` the same at SD1.5's real
 configs (text encoder + UNet + VAE decoder, 512 px, random weights: speed only); `sd15-taesd` decodes with a
 random-weight AutoencoderTiny instead (what model.decoder = a TAESD folder gives). Providers, per batch size:
-    stock     text: StableDiffusionPipeline.from_pretrained(folder), num_inference_steps=1, guidance_scale=1,
-              output_type="np"; class-conditional: UNet2DModel + EDMEulerScheduler's preconditioning, one step,
-              as the README shows it
+    stock     text: StableDiffusionPipeline.from_pretrained(folder), the call dmd_model.json's pipeline_call
+              names (num_inference_steps=1 for one step), guidance_scale=1, output_type="np", from the engine's
+              start (latents = start_sigma * z); class-conditional: UNet2DModel + EDMEulerScheduler's
+              preconditioning, one step, as the README shows it
     eager     engine/fast_sampler.py without compile or graphs
     compiled  torch.compile (static shapes)
     graphs    compiled + one CUDA graph per batch size
@@ -18,7 +20,8 @@ random-weight AutoencoderTiny instead (what model.decoder = a TAESD folder gives
 Each row: per-batch latency p50/p90 (ms, host wall time from inputs on the host to images on the host,
 tokenising included), images/s (batch / mean latency), warm-up time (the first two calls: compilation and
 capture; the graphs row reuses the compiled row's compiled code, so its warm-up is mostly capture), and the
-largest pixel difference to the eager sampler's images (0-255). Half precision on a GPU, fp32 on the CPU.
+largest pixel difference to the eager sampler's images (0-255; none for a multi-step stock row, whose
+pipeline draws its own noise between steps). Half precision on a GPU, fp32 on the CPU.
 """
 import argparse
 import json
@@ -52,12 +55,16 @@ def args_():
                    "(default: sdpa, and xformers too where it is installed and the device is CUDA)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per row (default 30 on a GPU, 5 on a CPU)")
     p.add_argument("--json", default=None, help="write every row and the machine description here")
+    p.add_argument("--timesteps", default=None, help="text models: export the generators with these steps, "
+                   "comma-separated, e.g. 999,749,499,249 (default: one step at 999)")
     return p.parse_args()
 
 
-def build(name: str, work: Path, device) -> Path:
+def build(name: str, work: Path, device, timesteps=None) -> Path:
     """The exported generator folder for `name` (made under `work` when not shipped)."""
     if name == "digits":
+        if timesteps:
+            raise SystemExit("--timesteps applies to the text models (digits is the shipped one-step generator)")
         return ROOT / "assets" / "digits_generator"
     from models.sd15 import make_sd_folder
     size = "tiny" if name == "tiny-sd" else "sd15"
@@ -66,7 +73,7 @@ def build(name: str, work: Path, device) -> Path:
         make_sd_folder(teacher, size, device=device, dtype=torch.float16 if size == "sd15" else None)
     gen = work / f"{size}_generator"
     if not gen.exists():
-        export_initial(teacher, gen, torch.float16 if size == "sd15" else torch.float32)
+        export_initial(teacher, gen, torch.float16 if size == "sd15" else torch.float32, timesteps)
     if name == "sd15-taesd":
         from diffusers import AutoencoderTiny
         with torch.device(device):
@@ -81,6 +88,9 @@ class Stock:
         import diffusers
         self.text, self.device, self.dtype = text, device, dtype
         if text:
+            meta = json.loads((folder / "dmd_model.json").read_text())
+            self.call = meta.get("pipeline_call", {"num_inference_steps": 1, "guidance_scale": 1.0})
+            self.start_sigma = meta.get("start_sigma", 1.0)
             kw = {"vae": diffusers.AutoencoderTiny.from_pretrained(decoder, dtype=dtype)} if decoder else {}
             self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
                                                                           **kw).to(device)
@@ -95,9 +105,9 @@ class Stock:
 
     @torch.no_grad()
     def __call__(self, z, cond, prompts):
-        if self.text:
-            img = self.pipe(prompts, num_inference_steps=1, guidance_scale=1.0, output_type="np",
-                            latents=z.to(self.device, self.dtype)).images
+        if self.text:  # a K-step generator's noise is K draws on the channel axis: the pipeline takes the first
+            z0 = z[:, : self.pipe.unet.config.in_channels] * self.start_sigma
+            img = self.pipe(prompts, **self.call, output_type="np", latents=z0.to(self.device, self.dtype)).images
             return torch.from_numpy((img * 255).round().astype("uint8"))
         sch, b = self.scheduler, len(z)  # the README's stock call: EDM preconditioning, one step from sigma_max
         sigma = torch.tensor(sch.config.sigma_max, device=self.device)
@@ -153,9 +163,11 @@ def bench_model(name, folder, work, device, dtype, batches, providers, iters, em
             ms = time_calls(lambda: runner(z, cond, prompts), iters, device)
             if prov == "eager" and attn == "sdpa":
                 reference[b] = first
-            diff = int((first.int() - reference[b].int()).abs().max()) if b in reference else None
+            comparable = b in reference and (prov != "stock" or parts.num_steps == 1)
+            diff = int((first.int() - reference[b].int()).abs().max()) if comparable else None
             q = statistics.quantiles(ms, n=10) if len(ms) > 1 else [ms[0]] * 9
-            row = {"model": name, "provider": prov if attn == "sdpa" else f"{prov}+{attn}", "batch": b, "p50_ms": statistics.median(ms), "p90_ms": q[8],
+            row = {"model": name, "provider": prov if attn == "sdpa" else f"{prov}+{attn}", "batch": b,
+                   "steps": parts.num_steps, "p50_ms": statistics.median(ms), "p90_ms": q[8],
                    "images_per_s": b * 1000 / statistics.mean(ms), "warmup_s": warm, "max_diff_vs_eager": diff,
                    "notes": list(notes)}
             emit(row)
@@ -172,6 +184,9 @@ def main():
     batches = [int(x) for x in a.batches.split(",")]
     providers = a.providers.split(",")
     iters = a.iters or (30 if device.type == "cuda" else 5)
+    steps = [int(t) for t in a.timesteps.split(",")] if a.timesteps else None
+    if steps and not a.models:  # the shipped digits generator has its one step
+        models = [m for m in models if m != "digits"]
     attention = (["sdpa"] + (["xformers"] if device.type == "cuda" and xformers_available() else [])
                  if a.attention == "auto" else a.attention.split(","))
     if "xformers" in attention and not xformers_available():
@@ -196,7 +211,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             try:
-                folder = build(name, Path(tmp), device)
+                folder = build(name, Path(tmp), device, steps)
                 bench_model(name, folder, Path(tmp), device, dtype, batches, providers, iters, emit, attention)
             except ImportError as e:  # e.g. no transformers on a bare GPU machine: the other models still run
                 print(f"{name}: skipped, a package is missing ({e})", flush=True)

@@ -48,6 +48,42 @@ def set_dropout(choice: str, *modules) -> int:
     return len(layers)
 
 
+def gan_on(tc) -> bool:
+    """DMD2's GAN is on when either of its weights is (train.gan_weight_generator / gan_weight_fake)."""
+    return tc.gan_weight_generator > 0 or tc.gan_weight_fake > 0
+
+
+def attach_gan_head(fake, cfg):
+    """The fake score's discriminator head (models/gan.py), when the GAN is on: built whole on the CPU from
+    train.seed alone, so every process and both backends start from the same head whatever the global RNG
+    has drawn (ZeRO-3 partitions it with the rest of the fake score at initialisation)."""
+    if not gan_on(cfg.train):
+        return None
+    from models.gan import attach_head
+    if getattr(getattr(fake, "net", None), "mid_block", None) is None:
+        raise DMDError(f"train.gan_weight_generator / gan_weight_fake need a UNet teacher with a mid block "
+                       f"(model.kind unet or sd15), not model.kind '{cfg.model.kind}'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + 7919)
+        head = attach_head(fake)
+    return head.float().train().requires_grad_(True)
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """`module`'s parameters without gradients for the block: a loss may pass through it (the generator's GAN
+    loss through the fake score) without giving it gradients, which under ZeRO-3 would be reduced into its
+    pending update."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def rank_slice(x, rank: int, world: int):
     """Process `rank`'s contiguous share of a global batch (dim 0): how every ZeRO-3 rank keeps its samples."""
     if x is None or world == 1:
@@ -207,14 +243,14 @@ class Backend(abc.ABC):
 
     def write_generator(self, folder: Path) -> bool:
         """Writes the sampling generator as a diffusers folder (text kinds: a StableDiffusionPipeline folder
-        that samples in one step). Every process calls it; returns True on the one that wrote."""
+        that samples the generator's steps). Every process calls it; returns True on the one that wrote."""
         with self.sampling() as gen:
             weights = self._whole_generator_weights()
             if not self.is_main:
                 return False
             gen.save_pretrained(folder, state_dict=weights)
             if self.text is not None:
-                self.text.complete_pipeline(folder, gen.denoiser.schedule, gen.denoiser.prediction_type)
+                self.text.complete_pipeline(folder, gen.denoiser.schedule, gen.denoiser.prediction_type, gen.timesteps)
         return True
 
     def _whole_generator_weights(self) -> dict | None:
@@ -249,8 +285,8 @@ class Backend(abc.ABC):
 
 
 def check_world(cfg, world: int):
-    """Every global batch must split evenly over the processes."""
-    for key in ("batch_size", "reg_batch_size"):
+    """Every global batch in use must split evenly over the processes (the pairs' only with the regression on)."""
+    for key in ("batch_size", "reg_batch_size") if cfg.train.reg_weight > 0 else ("batch_size",):
         n = getattr(cfg.train, key)
         if n % world:
             raise DMDError(f"train.{key} = {n} is not divisible by the {world} processes")

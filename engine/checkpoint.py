@@ -7,7 +7,7 @@
                                                  always a whole diffusers folder
 
 What a checkpoint holds besides the models: the trainer's state (engine/trainer.py: the shared noise stream,
-this process's torch RNG, step, skip counts) and the pair sampler's position, so a resumed run continues
+this process's torch RNG, step, skip counts) and the pair and real-data samplers' positions, so a resumed run continues
 draw for draw.
 """
 from __future__ import annotations
@@ -27,14 +27,20 @@ def export_generator(out: Path, models):
         swap_in(tmp, out / "generator")
 
 
-def save(out: Path, models, trainer, sampler, extra: dict | None = None, keep: int = 2):
-    state = {**trainer.state_dict(), "sampler": sampler.state_dict() if sampler else None, **(extra or {})}
+def save(out: Path, models, trainer, sampler, extra: dict | None = None, keep: int = 2, real_sampler=None):
+    """real_sampler: the GAN's real-data batch sampler, whose position is saved like the pairs sampler's."""
+    state = {**trainer.state_dict(), "sampler": sampler.state_dict() if sampler else None,
+             "real_sampler": real_sampler.state_dict() if real_sampler else None, **(extra or {})}
     models.save_checkpoint(out, state, trainer.step, keep)
     export_generator(out, models)
 
 
-def load(out: Path, models, trainer, sampler):
+def load(out: Path, models, trainer, sampler, real_sampler=None) -> dict:
+    """Restores models, trainer and the samplers' positions; returns the saved state (extras included)."""
     s = models.load_checkpoint(out)
     trainer.load_state_dict(s)
     if sampler and s.get("sampler"):
         sampler.load_state_dict(s["sampler"])
+    if real_sampler and s.get("real_sampler"):
+        real_sampler.load_state_dict(s["real_sampler"])
+    return s

@@ -47,6 +47,9 @@ class DataSection:
                                       # convert back to float32); recorded in the manifest
     loader: str = "auto"              # pairs to the step: "numpy", "dali" (NVIDIA DALI, reads and copies ahead),
                                       # "auto" = dali on CUDA when installed, else numpy (engine/pair_loader.py)
+    real_data: str = ""               # real-data folder for the GAN's discriminator (engine/real_data.py): the
+                                      # digits training split (assets/digits_real, examples/digits/make_real.py) or
+                                      # latents of captioned images (engine/encode_real.py); read with data.loader
 
 
 @dataclass
@@ -78,6 +81,11 @@ class TrainSection:
                                       # ([0, T), as DMD2 trains it)
     dropout: str = "none"             # trained copies' dropout: "none" (p = 0, DMD2; they see what the teacher in
                                       # eval mode sees) or "teacher" (keep the teacher's rates)
+    generator_timesteps: list = field(default_factory=list)  # [] = one step at T-1; e.g. [999, 749, 499, 249]:
+                                      # a 4-step generator trained with backward simulation (DMD2 Sec. 4.5)
+    gan_weight_generator: float = 0.0  # DMD2's GAN (0 = off): the generator's non-saturating loss softplus(-D(G))
+    gan_weight_fake: float = 0.0      # the discriminator's loss softplus(D(G)) + softplus(-D(real)), added to the
+                                      # fake score's update (D = a head on the fake score's mid-block features)
     real_guidance: float = 1.0        # CFG scale of the real score (text models: 3 for FID, 8 for quality)
     seed: int = 0
     log_every: int = 25
@@ -145,6 +153,8 @@ FRACTION = (lambda v: 0 <= v <= 1), "in [0, 1]"
 DECAY = (lambda v: 0 <= v < 1), "in [0, 1)"
 BETAS = (lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                        for b in v)), "two numbers in [0, 1)"
+STEPS = (lambda v: all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+         and all(a > b for a, b in zip(v, v[1:]))), "a list of decreasing integer timesteps (empty = one step)"
 DEVICE = (lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))), "auto, cpu, cuda or cuda:N"
 SAMPLERS = _choice("heun", "ddim")
 
@@ -169,7 +179,8 @@ RULES = {
                      "compile_mode": _choice("auto", "default", "reduce-overhead", "max-autotune",
                                              "max-autotune-no-cudagraphs"),
                      "compile_scope": _choice("generator", "all"), "fake_t_range": _choice("dm", "all"),
-                     "dropout": _choice("none", "teacher"),
+                     "dropout": _choice("none", "teacher"), "generator_timesteps": STEPS,
+                     "gan_weight_generator": FINITE_NONNEG, "gan_weight_fake": FINITE_NONNEG,
                      "section": ((lambda s: s.min_t_frac < s.max_t_frac), "min_t_frac < max_t_frac")},
     "DeepSpeedSection": {"zero_stage": _choice(3), "backend": _choice("auto", "nccl", "gloo"),
                          "precision": _choice("auto", "fp32", "bf16"), "teacher_dtype": _choice("auto", "fp32", "bf16"),

@@ -1,4 +1,4 @@
-"""Score text-to-image samples: FID against a folder of reference images (clean-fid) and CLIP score.
+"""Score text-to-image samples: FID and FD_CLIP against a folder of reference images, and CLIP score.
 
     python engine/evaluate.py samples.npz --ref coco/val2014 --fid-size 256 --json metrics.json
     python engine/evaluate.py samples_folder/ --prompts prompts.txt --metrics clip --clip path/to/clip
@@ -12,7 +12,9 @@ FID: samples and references are centre-cropped to squares and resized (Lanczos) 
 samples' side; DMD2's COCO protocol uses 256), then clean-fid "clean" mode and its TorchScript Inception; see
 engine/metrics.py for the protocol and its source. Reference statistics are cached (--ref-stats, else next to
 --json, else next to the samples) and reused while the folder, its files, the size and the Inception file match.
-CLIP score: 100 * max(cos, 0) averaged, with a transformers CLIPModel (--clip). Nothing is downloaded.
+CLIP score: 100 * max(cos, 0) averaged, with a transformers CLIPModel (--clip). FD_CLIP: the Frechet distance
+of the same two sets in that CLIP model's image-embedding space, a second feature space beside Inception's; its
+reference statistics are cached the same way, keyed by the CLIP weights. Nothing is downloaded.
 """
 if __name__ == "__main__":  # run as a script from a checkout: the repo root on sys.path
     import _bootstrap  # noqa: F401
@@ -107,23 +109,28 @@ def read_samples(path: Path, prompts_file: str | None):
     return images, prompts
 
 
-def _wanted(spec: str | None, ref: str | None, prompts) -> list[str]:
-    asked = [m.strip() for m in (spec or "fid,clip").split(",") if m.strip()]
-    if not asked or any(m not in ("fid", "clip") for m in asked):
-        raise DMDError(f"--metrics takes fid, clip or fid,clip; got '{spec}'")
+NAMES = {"fid": "FID", "clip": "CLIP score", "fd_clip": "FD_CLIP"}
+
+
+def _wanted(spec: str | None, ref: str | None, prompts, clip_given: bool) -> list[str]:
+    asked = [m.strip() for m in (spec or ",".join(NAMES)).split(",") if m.strip()]
+    if not asked or any(m not in NAMES for m in asked):
+        raise DMDError(f"--metrics takes one or more of fid, clip, fd_clip (comma-separated); got '{spec}'")
     out = []
     for m in dict.fromkeys(asked):
-        missing = ("no reference folder (--ref FOLDER)" if m == "fid" and not ref else
-                   "no prompts (the samples have none; give --prompts FILE)" if m == "clip" and prompts is None
+        # by default FD_CLIP rides along when a CLIP model is loaded anyway or named: never a default download try
+        missing = ("no reference folder (--ref FOLDER)" if m in ("fid", "fd_clip") and not ref else
+                   "no prompts (the samples have none; give --prompts FILE)" if m == "clip" and prompts is None else
+                   "no CLIP model (--clip PATH_OR_ID)" if m == "fd_clip" and not (spec or clip_given or "clip" in out)
                    else None)
         if missing and spec:
-            raise DMDError(f"cannot compute {'FID' if m == 'fid' else 'CLIP score'}: {missing}")
+            raise DMDError(f"cannot compute {NAMES[m]}: {missing}")
         if missing:
-            print(f"{'FID' if m == 'fid' else 'CLIP score'}: skipped, {missing}")
+            print(f"{NAMES[m]}: skipped, {missing}")
         else:
             out.append(m)
     if not out:
-        raise DMDError("nothing to compute: FID needs --ref FOLDER, CLIP score needs prompts")
+        raise DMDError("nothing to compute: FID and FD_CLIP need --ref FOLDER, CLIP score needs prompts")
     return out
 
 
@@ -131,16 +138,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help=".npz written by engine/infer.py, or a folder of PNGs (or holding samples.npz)")
     p.add_argument("--prompts", help="one prompt per line: per image in order, or per label for an .npz with labels")
-    p.add_argument("--metrics", help="fid, clip or fid,clip (default: both, each skipped when its input is missing)")
-    p.add_argument("--ref", help="reference image folder for FID (searched recursively), e.g. COCO val2014")
+    p.add_argument("--metrics", help="any of fid, clip, fd_clip, comma-separated (default: all, each skipped when its "
+                   "input is missing)")
+    p.add_argument("--ref", help="reference image folder for FID and FD_CLIP (searched recursively), e.g. COCO val2014")
     p.add_argument("--fid-size", "--ref-size", dest="fid_size", type=int,
                    help="side both sets are cropped and resized to before clean-fid (default: the samples' side)")
     p.add_argument("--ref-stats", help="cache file of the reference statistics (default: a key-named .npz next to "
-                   "--json, else next to the samples)")
+                   "--json, else next to the samples); FD_CLIP's goes beside it, its name ending .fd_clip.npz")
     p.add_argument("--inception", help=f"clean-fid's {metrics.INCEPTION_NAME} (file or folder; default: where "
                    "clean-fid and torch hub keep it)")
-    p.add_argument("--clip", default=metrics.DEFAULT_CLIP, help="CLIP folder or Hugging Face cache id (default: "
-                   "%(default)s, the transformers export of the OpenCLIP ViT-g-14 DMD2 scores with)")
+    p.add_argument("--clip", help=f"CLIP folder or Hugging Face cache id, for CLIP score and FD_CLIP (default: "
+                   f"{metrics.DEFAULT_CLIP}, the transformers export of the OpenCLIP ViT-g-14 DMD2 scores with)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image loading processes")
@@ -151,40 +159,56 @@ def main():
     device = pick_device(args.device)
     samples = Path(args.samples)
     images, prompts = read_samples(samples, args.prompts)
-    wanted = _wanted(args.metrics, args.ref, prompts)
+    wanted = _wanted(args.metrics, args.ref, prompts, args.clip is not None)
+    clip_spec = args.clip or metrics.DEFAULT_CLIP
     first = np.asarray(images[0])
     res = {"samples": str(samples), "num_samples": len(images), "device": str(device)}
     # every input is checked before the first long loop
     if "fid" in wanted:
         inception = metrics.find_inception(args.inception)
+    if "fid" in wanted or "fd_clip" in wanted:
         ref = resolve_path(args.ref)
         files = metrics.list_images(ref)
         size = args.fid_size or min(first.shape[:2])
-    clip = metrics.load_clip(args.clip, device) if "clip" in wanted else None
+        res.update(reference=str(ref), num_reference=len(files), fid_size=size)
+        cache_dir = Path(args.json).parent if args.json else (samples.parent if samples.is_file() else
+                                                              samples.resolve().parent)
+        ref_stats = Path(args.ref_stats) if args.ref_stats else None
+    clip = metrics.load_clip(clip_spec, device) if {"clip", "fd_clip"} & set(wanted) else None
+    loader = dict(device=device, batch_size=args.batch_size, workers=args.workers)
 
     if "fid" in wanted:
         net = metrics.load_inception(inception, device)
         sha = metrics.inception_sha256(inception)
-        cache_dir = Path(args.json).parent if args.json else (samples.parent if samples.is_file() else
-                                                              samples.resolve().parent)
         mu, sigma, cache, reused = metrics.reference_stats(
-            ref, files, size, net, sha, Path(args.ref_stats) if args.ref_stats else None, cache_dir, device,
-            args.batch_size, args.workers)
+            "fid", ref, files, size, sha, lambda: metrics.folder_features(files, net, size, **loader), ref_stats,
+            cache_dir)
         print(f"reference statistics: {'reused' if reused else 'computed and saved'}: {cache}")
-        res.update(fid=metrics.fid(images, mu, sigma, net, size, device, args.batch_size, args.workers),
-                   reference=str(ref), num_reference=len(files), reference_stats=str(cache), fid_size=size,
+        res.update(fid=metrics.fid(images, mu, sigma, net, size, **loader), reference_stats=str(cache),
                    inception=str(inception), inception_sha256=sha)
         del net
-    if clip is not None:
-        res.update(clip_score=metrics.clip_score(images, prompts, clip, device, args.batch_size, args.workers),
-                   clip_model=args.clip)
+    if "clip" in wanted:
+        res.update(clip_score=metrics.clip_score(images, prompts, clip, **loader), clip_model=clip_spec)
+    if "fd_clip" in wanted:
+        fp = metrics.clip_fingerprint(clip)
+        mu, sigma, cache, reused = metrics.reference_stats(
+            "fd_clip", ref, files, size, fp, lambda: metrics.clip_features(files, clip, size, "FD_CLIP reference",
+                                                                           **loader),
+            ref_stats and ref_stats.with_name(f"{ref_stats.stem}.fd_clip.npz"), cache_dir)
+        print(f"FD_CLIP reference statistics: {'reused' if reused else 'computed and saved'}: {cache}")
+        feats = metrics.clip_features(images, clip, size, "FD_CLIP samples", **loader)
+        res.update(fd_clip=metrics.distance("FD_CLIP", feats, mu, sigma), fd_clip_reference_stats=str(cache),
+                   clip_model=clip_spec, clip_fingerprint=fp)
 
     rows = [("samples", f"{samples}: {len(images)} images, {first.shape[1]}x{first.shape[0]}")]
+    if "reference" in res:
+        rows += [("reference", f"{res['reference']}: {len(files)} images")]
     if "fid" in res:
-        rows += [("reference", f"{res['reference']}: {len(files)} images"),
-                 ("FID", f"{res['fid']:.4f}  (clean-fid, {inception.name} sha256 {sha[:12]}, {size} px)")]
+        rows += [("FID", f"{res['fid']:.4f}  (clean-fid, {inception.name} sha256 {sha[:12]}, {size} px)")]
+    if "fd_clip" in res:
+        rows += [("FD_CLIP", f"{res['fd_clip']:.4f}  ({clip_spec} image embeddings, weights {fp[:12]}, {size} px)")]
     if "clip_score" in res:
-        rows += [("CLIP score", f"{res['clip_score']:.4f}  ({args.clip}, 100 * max(cos, 0))")]
+        rows += [("CLIP score", f"{res['clip_score']:.4f}  ({clip_spec}, 100 * max(cos, 0))")]
     print("\n".join(f"{k:<12} {v}" for k, v in rows))
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2))

@@ -1,6 +1,6 @@
-"""Everything one-step sampling needs, read from a generator folder alone (or a run folder's generator/).
+"""Everything sampling a generator needs, read from a generator folder alone (or a run folder's generator/).
 
-    unet    generator/ = unet/ (UNet2DModel) + scheduler/ + dmd_model.json (classes, noise shape, timestep)
+    unet    generator/ = unet/ (UNet2DModel) + scheduler/ + dmd_model.json (classes, sample shape, timesteps)
     sd15    the same with UNet2DConditionModel, plus tokenizer/, text_encoder/ and vae/: a StableDiffusionPipeline
             folder (engine/text2image.py completes it at export)
     toy2d   config.json (ToyGenerator) + model.safetensors
@@ -21,6 +21,7 @@ from models.text import LatentDecoder, PromptEncoder
 from .errors import DMDError
 from .files import resolve_path
 from .kinds import generator_folder_kind, load_generator, model_kind
+from .sampling import noise_shape, steps_label
 from .text2image import PIPELINE_PARTS, load_prompts
 
 
@@ -29,8 +30,10 @@ class GeneratorParts:
     folder: Path
     kind: str                                   # unet, sd15 or toy2d
     generator: nn.Module
-    noise_shape: tuple
+    noise_shape: tuple                          # the unit noise one sample takes (K-step: K noises on channels)
     num_classes: int | None = None
+    sample_shape: tuple = ()                    # what one sample is (latents for text kinds)
+    timesteps: list[int] = field(default_factory=list)  # the generator's steps; empty for the toy
     encoder: PromptEncoder | None = None        # text kinds
     decoder: LatentDecoder | None = None        # text kinds
     prompts: list[str] = field(default_factory=list)  # text kinds: the run's data.prompts, when readable
@@ -38,6 +41,15 @@ class GeneratorParts:
     @property
     def text(self) -> bool:
         return self.encoder is not None
+
+    @property
+    def num_steps(self) -> int:
+        """Network evaluations per sample."""
+        return max(1, len(self.timesteps))
+
+    def describe(self, details: str = "") -> str:
+        """e.g. '4-step generator (timesteps 999, 749, 499, 249; details)'."""
+        return steps_label(self.timesteps, details)
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         return self.encoder.token_ids(prompts)
@@ -81,7 +93,8 @@ def open_generator(path, decoder: str | None = None) -> GeneratorParts:
     gen = load_generator(path, kind)
     d = getattr(gen, "denoiser", None)  # the toy's MLP generator has none
     shape, classes = (tuple(d.sample_shape), d.num_classes) if d is not None else (tuple(gen.noise_shape), None)
-    parts = GeneratorParts(path, kind, gen, shape, classes, prompts=prompts)
+    parts = GeneratorParts(path, kind, gen, noise_shape(gen, shape), classes, shape,
+                           list(getattr(gen, "timesteps", [])), prompts=prompts)
     if mk.text:
         parts.encoder = PromptEncoder.from_pretrained(path)
         dec = resolve_path(decoder) if decoder else path / "vae"
@@ -91,9 +104,10 @@ def open_generator(path, decoder: str | None = None) -> GeneratorParts:
     return parts
 
 
-def export_initial(teacher_folder, out, dtype=torch.float32) -> Path:
-    """The generator a run starts from (the teacher at its last timestep, DMD Sec. 3.1), exported as train.py
-    exports a trained one: sampling-path tests and benchmarks use it where no trained generator exists."""
+def export_initial(teacher_folder, out, dtype=torch.float32, timesteps=None) -> Path:
+    """The generator a run starts from (the teacher at its last timestep, DMD Sec. 3.1; at `timesteps`, e.g.
+    DMD2's [999, 749, 499, 249], for a multi-step one), exported as train.py exports a trained one:
+    sampling-path tests and benchmarks use it where no trained generator exists."""
     from models import Denoiser
 
     from .text2image import complete_pipeline
@@ -102,7 +116,8 @@ def export_initial(teacher_folder, out, dtype=torch.float32) -> Path:
     cfg = d.net.config
     if getattr(cfg, "cross_attention_dim", None):  # text: latent noise at the UNet's own sample size
         d.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    OneStepGenerator(d).save_pretrained(out)
+    gen = OneStepGenerator(d, timesteps=timesteps)
+    gen.save_pretrained(out)
     if getattr(cfg, "cross_attention_dim", None):
-        complete_pipeline(teacher_folder, out, d.schedule, d.prediction_type)
+        complete_pipeline(teacher_folder, out, d.schedule, d.prediction_type, gen.timesteps)
     return out

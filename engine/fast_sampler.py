@@ -1,4 +1,8 @@
-"""The fixed-shape one-step sampler: unit noise and a condition in, uint8 images out, as one callable.
+"""The fixed-shape generator sampler: unit noise and a condition in, uint8 images out, as one callable.
+
+A multi-step generator (models/denoiser.OneStepGenerator with several timesteps) is still one call: its noise
+input holds every step's draw, stacked on the channel axis (`noise_shape`), so nothing below is per step and
+padding, compilation and CUDA graphs cover all K steps at once.
 
 One path, `SamplePath`: (token ids -> text encoder ->) generator -> (latent decoder ->) uint8 N×H×W×C, run on
 the device in the sampler's dtype. `OneStepSampler` runs it over requests of any size:
@@ -26,8 +30,9 @@ from .sampling import uint8_images
 
 
 class SamplePath(nn.Module):
-    """z (B, *noise shape) and cond (class labels (B,), token ids (B, L) for text models, or None) -> images
-    uint8 (B, H, W, C); models whose samples are not images (the 2-D toy) return their float samples."""
+    """z (B, *noise shape: K*C channels for a K-step generator) and cond (class labels (B,), token ids (B, L)
+    for text models, or None) -> images uint8 (B, H, W, C); models whose samples are not images (the 2-D toy)
+    return their float samples."""
 
     def __init__(self, generator: nn.Module, text_encoder: nn.Module | None = None, decoder: nn.Module | None = None):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Sample a distilled generator in one step (compiled, CUDA-graphed on a GPU), or its teacher (multi-step ODE).
+"""Sample a distilled generator in its one step, or its few fixed steps (compiled, CUDA-graphed on a GPU), or its
+teacher (multi-step ODE).
 
     python engine/infer.py                                    # the shipped digits generator -> runs/infer/
     python engine/infer.py --checkpoint RUN_OR_GENERATOR_DIR --num 1000 --out samples.npz
@@ -6,7 +7,9 @@
     python engine/infer.py --checkpoint RUN_DIR --teacher --sampler heun --steps 18 --num 1000 --out t.npz
 
 --checkpoint: a run folder of engine/train.py or an exported generator folder (a run's generator/, which
-for text models is also a stock StableDiffusionPipeline folder); one-step sampling reads nothing else.
+for text models is also a stock StableDiffusionPipeline folder); sampling the generator reads nothing else. A
+multi-step generator (train.generator_timesteps) runs its steps inside one call of the sampler: its noise holds
+one unit draw per step, stacked on the channel axis, so a seed gives the same samples compiled or not.
 --out: a path ending in .npz gets images (uint8 N×H×W×C), labels (class or prompt index; prompts cycle over
 the samples) and, for text models, prompts; any other path is a folder of PNGs plus samples.npz and grid.png.
 Toy runs write samples (N×2) instead of images.
@@ -89,7 +92,7 @@ def prompt_list(args, default: list[str]) -> list[str]:
 
 
 def sample_generator(args, folder: Path, device, dtype):
-    """One-step sampling through the fixed-shape sampler: (fn for draw, noise shape, condition count, prompts,
+    """Generator sampling through the fixed-shape sampler: (fn for draw, noise shape, condition count, prompts,
     draw's device, progress label, what ran: called after sampling, as a fallback may change it)."""
     parts = open_generator(folder, args.decoder)
     if not parts.text and (args.prompt or args.prompts):
@@ -111,7 +114,10 @@ def sample_generator(args, folder: Path, device, dtype):
     if compile_:
         print("compiling the sampler on first use of each batch size (--no-compile skips this)...", flush=True)
     fn = lambda z, c: sampler(z, prep(c) if c is not None else None)  # noqa: E731
-    what = lambda: f"generator (1 NFE, {sampler.mode}, {str(dtype).replace('torch.', '')}, {device})"  # noqa: E731
+    if parts.num_steps > 1:
+        print(f"sampling a {parts.describe()}", flush=True)
+    what = lambda: parts.describe(f"{parts.num_steps} NFE, {sampler.mode}, "  # noqa: E731
+                                  f"{str(dtype).replace('torch.', '')}, {device}")
     return fn, parts.noise_shape, n_cond, prompts, "cpu", "sampling", what
 
 

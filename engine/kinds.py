@@ -67,7 +67,15 @@ def _no_check(cfg, teacher):
 
 def _copies(cfg, teacher) -> tuple[nn.Module, nn.Module]:
     """DMD Sec. 3.1: the generator and the fake score both start as copies of the teacher."""
-    return OneStepGenerator(trainable_copy(teacher)), trainable_copy(teacher)
+    return generator_of(trainable_copy(teacher), cfg), trainable_copy(teacher)
+
+
+def generator_of(denoiser: Denoiser, cfg) -> OneStepGenerator:
+    """The generator on a copy of the teacher, at train.generator_timesteps (one step at T-1 by default)."""
+    try:
+        return OneStepGenerator(denoiser, timesteps=cfg.train.generator_timesteps)
+    except ValueError as e:
+        raise DMDError(f"train.generator_timesteps: {e}") from None
 
 
 def _toy_models(cfg, teacher) -> tuple[nn.Module, nn.Module]:

@@ -1,5 +1,5 @@
-"""Text-to-image metrics: FID through clean-fid against a folder of reference images (reference statistics cached)
-and CLIP score with a transformers CLIPModel.
+"""Text-to-image metrics: FID through clean-fid against a folder of reference images (reference statistics cached),
+FD_CLIP (the same Frechet distance in CLIP image-embedding space) and CLIP score with a transformers CLIPModel.
 
 FID protocol. Every image, sample and reference alike, is centre-cropped to a square on its short side (offsets
 rounded as torchvision's center_crop rounds them) and resized to one side with PIL Lanczos; then clean-fid "clean"
@@ -18,7 +18,14 @@ taken from symmetric eigendecompositions instead of scipy's sqrtm of the non-sym
 CLIP score: 100 * max(cos(image embedding, text embedding), 0), averaged over the samples (the CLIPScore
 paper's per-image clamp with w = 100; torchmetrics clamps the mean instead), images preprocessed by the model's own CLIPImageProcessor, prompts truncated to its context. DMD2
 reports the plain mean cosine of OpenCLIP ViT-g-14 (laion2b_s12b_b42k) after prefixing each caption with
-"A photo depicts " and a 256 px Lanczos resize; the transformers export of those weights is DEFAULT_CLIP."""
+"A photo depicts " and a 256 px Lanczos resize; the transformers export of those weights is DEFAULT_CLIP.
+
+FD_CLIP: a second feature space, so that a model is not judged by ImageNet-class features alone (Kynkäänniemi et
+al. 2023, "The Role of ImageNet Classes in Frechet Inception Distance", find FID can be moved by matching ImageNet
+class histograms without better images, and recommend CLIP features). Both sets get FID's centre-crop + Lanczos to
+the same side, then the CLIP model's own image processor; the features are the projected image embeddings,
+unnormalised (CLIPModel.get_image_features, what clean-fid's "clip_vit_b_32" mode takes from OpenAI CLIP); the
+distance is `frechet` on their unbiased covariances, as for FID."""
 from __future__ import annotations
 
 import hashlib
@@ -39,6 +46,7 @@ INCEPTION_NAME = "inception-2015-12-05.pt"
 DEFAULT_CLIP = "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 PROTOCOL = "clean-fid clean; centre-crop + PIL Lanczos; v1"  # part of the cache key: change it with the protocol
+PROTOCOLS = {"fid": PROTOCOL, "fd_clip": "FD_CLIP; centre-crop + PIL Lanczos, CLIPImageProcessor, image embeds; v1"}
 
 
 def _first_line(e: Exception) -> str:
@@ -163,21 +171,22 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
-def reference_key(folder: Path, files: list[Path], size: int, net_sha256: str) -> str:
-    """Changes with the folder, its file list (names, sizes, mtimes), the side, the feature net and PROTOCOL."""
-    h = hashlib.sha256(json.dumps([str(folder.resolve()), size, net_sha256, PROTOCOL]).encode())
+def reference_key(folder: Path, files: list[Path], size: int, net_sha256: str, protocol: str = PROTOCOL) -> str:
+    """Changes with the folder, its file list (names, sizes, mtimes), the side, the feature net and the protocol."""
+    h = hashlib.sha256(json.dumps([str(folder.resolve()), size, net_sha256, protocol]).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def reference_stats(folder: Path, files: list[Path], size: int, net, net_sha256: str, cache: Path | None,
-                    cache_dir: Path, device, batch_size: int, workers: int):
-    """(mu, sigma, cache path, reused?) of the reference images. The cache is `cache` when given, else a file in
-    cache_dir named after the key; one whose key differs is recomputed and replaced, never partly written."""
-    key = reference_key(folder, files, size, net_sha256)
-    cache = cache or cache_dir / f"fid_ref_{folder.resolve().name}_{size}px_{key[:12]}.npz"
+def reference_stats(space: str, folder: Path, files: list[Path], size: int, net_sha256: str, features,
+                    cache: Path | None, cache_dir: Path):
+    """(mu, sigma, cache path, reused?) of features() of the reference images in feature space `space` (a key of
+    PROTOCOLS; net_sha256 identifies its network). The cache is `cache` when given, else a file in cache_dir named
+    after the key; one whose key differs is recomputed and replaced, never partly written."""
+    key = reference_key(folder, files, size, net_sha256, PROTOCOLS[space])
+    cache = cache or cache_dir / f"{space}_ref_{folder.resolve().name}_{size}px_{key[:12]}.npz"
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as f:
@@ -185,12 +194,13 @@ def reference_stats(folder: Path, files: list[Path], size: int, net, net_sha256:
                     return f["mu"], f["sigma"], cache, True
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # unreadable: computed again and replaced below
-    mu, sigma = statistics(folder_features(files, net, size, device, batch_size, workers))
+    feats = features()
+    mu, sigma = statistics(feats)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            np.savez(fh, key=key, mu=mu, sigma=sigma, count=len(files), size=size)
+            np.savez(fh, key=key, mu=mu, sigma=sigma, count=len(feats), size=size)
         os.replace(tmp, cache)
     finally:
         tmp.unlink(missing_ok=True)
@@ -198,9 +208,13 @@ def reference_stats(folder: Path, files: list[Path], size: int, net, net_sha256:
 
 
 def fid(images, ref_mu, ref_sigma, net, size: int, device, batch_size: int, workers: int) -> float:
-    feats = sample_features(images, net, size, device, batch_size, workers)
+    return distance("FID", sample_features(images, net, size, device, batch_size, workers), ref_mu, ref_sigma)
+
+
+def distance(name: str, feats: np.ndarray, ref_mu, ref_sigma) -> float:
+    """The Frechet distance of the samples' features to the reference statistics (name: for the error)."""
     if len(feats) < 2:
-        raise DMDError("FID needs at least 2 samples")
+        raise DMDError(f"{name} needs at least 2 samples")
     mu, sigma = statistics(feats)
     return frechet(mu, sigma, ref_mu, ref_sigma, feats)
 
@@ -221,6 +235,49 @@ def load_clip(spec: str, device):
                        f"Face cache) holding a transformers CLIPModel with its tokenizer and preprocessor_config.json;"
                        f" nothing is downloaded ({_first_line(e)})") from None
     return model.to(device).eval(), tok, proc
+
+
+def clip_fingerprint(clip) -> str:
+    """sha256 of what FD_CLIP's features depend on: the vision tower's and projection's tensors and the image
+    processor's settings. The bytes, not a name: a folder and a cache id of the same weights share reference stats,
+    and weights changed in place do not reuse stale ones."""
+    model, _, proc = clip
+    h = hashlib.sha256(json.dumps(proc.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        if name.startswith(("vision_model.", "visual_projection.")):
+            h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\n".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class _ClipImages(torch.utils.data.Dataset):
+    """Images (arrays, or files of a reference folder) -> FID's crop + resize -> the CLIP processor's pixel values."""
+
+    def __init__(self, images, size: int, proc):
+        self.images, self.crop, self.proc = images, CropResize(size), proc
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if isinstance(img, Path):
+            from PIL import Image
+            with Image.open(img) as im:
+                img = np.asarray(im.convert("RGB"))
+        return self.proc(images=self.crop(np.asarray(img)), return_tensors="pt")["pixel_values"][0]
+
+
+def clip_features(images, clip, size: int, desc: str, device, batch_size: int, workers: int) -> np.ndarray:
+    model = clip[0]
+    loader = torch.utils.data.DataLoader(_ClipImages(images, size, clip[2]), batch_size=batch_size,
+                                         num_workers=workers)
+    out = []
+    with torch.no_grad():
+        for px in tqdm(loader, desc=desc):
+            emb = model.visual_projection(model.vision_model(pixel_values=px.to(device)).pooler_output)
+            out.append(emb.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
 
 
 class _ClipInputs(torch.utils.data.Dataset):

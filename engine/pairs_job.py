@@ -18,6 +18,8 @@ run the same train.threads.)
                      batches finishes, another rank's shard when its record lands in the folder. The rate and ETA
                      are measured, not extrapolated; other ranks' progress shows a shard at a time, and the bar
                      stands still while rank 0 waits at the barrier for the last shards.
+run_shards is this skeleton alone (lock, checks, share, errors, manifest): the real-data job
+(engine/encode_real.py) runs on it too, with its own parts.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ import io
 import itertools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -124,11 +128,14 @@ def _wants(expect: dict, n: int):
             ("label", (n,), np.dtype(np.int64)))
 
 
-def shard_problem(folder: Path, k: int, start: int, n: int, expect: dict, fp: str) -> str | None:
-    """Why shard k cannot be kept as pairs [start, start + n) of this job (None: it can)."""
+def shard_problem(folder: Path, k: int, start: int, n: int, expect: dict, fp: str, wants=None) -> str | None:
+    """Why shard k cannot be kept as pairs [start, start + n) of this job (None: it can). `wants`: the shard's
+    .npy parts as (part, shape, on-disk dtype), for jobs other than pairs (default: the pairs' z, y, label)."""
+    wants = _wants(expect, n) if wants is None else wants
     rec_path = record_path(folder, k)
     if not rec_path.is_file():
-        return "killed before it was complete" if any(part_path(folder, k, p).exists() for p in PARTS) else MISSING
+        started = any(part_path(folder, k, p).exists() for p, _, _ in wants)
+        return "killed before it was complete" if started else MISSING
     try:
         rec = json.loads(rec_path.read_text())
     except (OSError, ValueError):
@@ -137,7 +144,7 @@ def shard_problem(folder: Path, k: int, start: int, n: int, expect: dict, fp: st
         return "made for another teacher or config"
     if (rec.get("start"), rec.get("count")) != (start, n):
         return f"{rec_path.name} says pairs {rec.get('start')}+{rec.get('count')}, expected {start}+{n}"
-    for part, shape, dtype in _wants(expect, n):
+    for part, shape, dtype in wants:
         path = part_path(folder, k, part)
         problem = part_problem(path, rec.get(f"{part}_bytes"), rec.get(f"{part}_sha256"), shape, dtype, "record")
         if problem or rec.get(part) != path.name:
@@ -145,10 +152,14 @@ def shard_problem(folder: Path, k: int, start: int, n: int, expect: dict, fp: st
     return None
 
 
-def _write_part(path: Path, arr: np.ndarray, part: str) -> dict:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    data = buf.getvalue()
+def write_part(path: Path, arr: np.ndarray | bytes, part: str) -> dict:
+    """Writes an array as .npy (or bytes as they are) atomically; returns what a record says of the file."""
+    if isinstance(arr, bytes):
+        data = arr
+    else:
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        data = buf.getvalue()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)  # a reader sees the old file or the whole new one
@@ -189,64 +200,85 @@ def _shorten(ks: list[int], most: int = 10) -> str:
     return ", ".join(map(str, ks[:most])) + (f", ... ({len(ks)} in all)" if len(ks) > most else "")
 
 
+@dataclass
+class ShardJob:
+    """A sharded job as run_shards sees it: the pairs job, or another one built on the same folder rules."""
+    name: str                   # message prefix, lock file (".{name}.lock")
+    expect: dict                # the manifest's fields; the records' fingerprint is their hash
+    plan: list                  # (first row, rows) of each shard
+    problem: Callable           # shard k -> why it cannot be kept (None: it can; MISSING: nothing there)
+    make: Callable              # (shard ids, progress bar) -> None: makes each shard, its record last
+    desc: str                   # the progress bar's label
+    error: type = PairsError
+
+
 def write_pairs(folder, teacher, teacher_hash: str, dc, progress: bool = True, text=None, group=None) -> Path:
     """Makes the shards of `folder` that are missing or not intact, then manifest.json. Every process of `group`
     (a backend, or anything with rank, world_size, barrier() and gather(); None: this process alone) calls it
     with a whole teacher; each makes only its own share."""
-    group = group or Solo()
-    rank = group.rank
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     shape, num = tuple(teacher.sample_shape), condition_count(teacher, text)
     expect = expected_manifest(teacher_hash, dc, shape, num, text)
     fp, plan = fingerprint(expect), shard_plan(dc.num_pairs, dc.shard_size)
-    lock = FolderLock(folder / ".pairs.lock", "pairs job") if rank == 0 else None
+    dev = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
+    job = ShardJob("pairs", expect, plan, lambda k: shard_problem(folder, k, *plan[k], expect, fp),
+                   lambda todo, bar: _make_shards(folder, teacher, dc, text, todo, plan, shape, num, fp, dev, bar),
+                   f"pairs ({dc.pair_sampler} x{dc.pair_steps})")
+    return run_shards(folder, job, group, progress)
+
+
+def run_shards(folder, job: ShardJob, group=None, progress: bool = True) -> Path:
+    """Runs `job` in `folder` as the module doc says: one job per folder (a lock), each rank's share checked and
+    the shards to make dealt out, errors reported on every rank, the manifest written last by rank 0."""
+    group = group or Solo()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder / f".{job.name}.lock", f"{job.name} job") if group.rank == 0 else None
     refused = [r for r in group.gather(lock.take() if lock else None) if r]
     if refused:
-        raise PairsError(refused[0])
+        raise job.error(refused[0])
     try:
-        return _make(folder, teacher, dc, text, group, expect, fp, plan, shape, num, progress)
+        return _make(folder, job, group, progress)
     finally:
         if lock:
             lock.release()
 
 
-def _make(folder, teacher, dc, text, group, expect, fp, plan, shape, num, progress) -> Path:
-    rank, world = group.rank, group.world_size
+def _make(folder, job: ShardJob, group, progress) -> Path:
+    rank, world, plan, name = group.rank, group.world_size, job.plan, job.name
     if rank == 0:  # no rank writes before the gather below, so nothing here is another rank's work in progress
         (folder / "manifest.json").unlink(missing_ok=True)
         for tmp in itertools.chain(folder.glob(".shard_*.tmp*"), folder.glob(".manifest.json.tmp*")):
             tmp.unlink(missing_ok=True)
     redo = []
     for k in range(rank, len(plan), world):
-        problem = shard_problem(folder, k, *plan[k], expect, fp)
+        problem = job.problem(k)
         if problem:
             record_path(folder, k).unlink(missing_ok=True)  # so that it counts as made only once made again
             redo.append(k)
             if problem != MISSING:
-                print(f"pairs: shard {k} is made again: {problem}", flush=True)
+                print(f"{name}: shard {k} is made again: {problem}", flush=True)
     missing = sorted(itertools.chain.from_iterable(group.gather(redo)))
     todo = missing[rank::world]
     if rank == 0:
-        print(f"pairs: {len(plan) - len(missing)} of {len(plan)} shards complete, {len(missing)} to make on "
+        print(f"{name}: {len(plan) - len(missing)} of {len(plan)} shards complete, {len(missing)} to make on "
               f"{world} process(es)", flush=True)
-    bar = _Progress(folder, plan, missing, todo, progress and rank == 0, f"pairs ({dc.pair_sampler} x{dc.pair_steps})")
-    dev = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
+    bar = _Progress(folder, plan, missing, todo, progress and rank == 0, job.desc)
     try:
-        _make_shards(folder, teacher, dc, text, todo, plan, shape, num, fp, dev, bar)
+        job.make(todo, bar)
     except Exception as e:  # noqa: BLE001 - reported on every rank below, not left for a barrier to time out
-        error = f"pairs: rank {rank} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        error = f"{name}: rank {rank} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     else:
         error = None
     errors = [e for e in group.gather(error) if e]  # the only wait between ranks: every rank's share is done
     if errors:
         bar.close(done=False)
-        raise PairsError(errors[0])
+        raise job.error(errors[0])
     if todo:
-        print(f"pairs: rank {rank} made {len(todo)} shard(s): {_shorten(todo)}", flush=True)
+        print(f"{name}: rank {rank} made {len(todo)} shard(s): {_shorten(todo)}", flush=True)
     bar.close()
     if rank == 0:
-        _write_manifest(folder, expect, fp, plan)
+        write_manifest(folder, job.expect, fingerprint(job.expect), plan, job.error)
     group.barrier()  # no rank reads the folder before its manifest exists
     return folder
 
@@ -266,12 +298,12 @@ def _make_shards(folder, teacher, dc, text, todo, plan, shape, num, fp, dev, bar
         rec = {"fingerprint": fp, "start": start, "count": n}
         for part, arr in (("z", encode(z, dc.pair_dtype)), ("y", encode(torch.cat(ys), dc.pair_dtype)),
                           ("label", lab.numpy().astype(np.int64))):
-            rec.update(_write_part(part_path(folder, k, part), arr, part))
+            rec.update(write_part(part_path(folder, k, part), arr, part))
         kill_hook("DMD_TEST_KILL_IN_SHARD", made)  # a crash after a shard's parts, before its record
         atomic_write_text(record_path(folder, k), json.dumps(rec, indent=1))
 
 
-def _write_manifest(folder: Path, expect: dict, fp: str, plan):
+def write_manifest(folder: Path, expect: dict, fp: str, plan, error: type = PairsError):
     man = {**expect, "shards": []}
     for k, (start, n) in enumerate(plan):
         try:
@@ -279,6 +311,6 @@ def _write_manifest(folder: Path, expect: dict, fp: str, plan):
         except (OSError, ValueError):
             rec = {}
         if rec.get("fingerprint") != fp or (rec.get("start"), rec.get("count")) != (start, n):
-            raise PairsError(f"{record_path(folder, k)}: shard {k} was not made (or replaced meanwhile); run again")
+            raise error(f"{record_path(folder, k)}: shard {k} was not made (or replaced meanwhile); run again")
         man["shards"].append({key: v for key, v in rec.items() if key != "fingerprint"})
     atomic_write_text(folder / "manifest.json", json.dumps(man, indent=2))

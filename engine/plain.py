@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .backend import Backend, adamw, dtype_choice, set_dropout, warmup_scheduler
+from .backend import Backend, adamw, attach_gan_head, dtype_choice, set_dropout, warmup_scheduler
 from .errors import DMDError
 from .files import damaged, load_tensors, recover_swapped, swap_in, write_digests
 from .kinds import load_teacher, model_kind
@@ -45,6 +45,7 @@ class PlainBackend(Backend):
         self.generator.to(self.device, torch.float32).train().requires_grad_(True)
         self.fake.to(self.device, torch.float32).train().requires_grad_(True)
         set_dropout(tc.dropout, self.generator, self.fake)
+        attach_gan_head(self.fake, cfg)  # part of the fake score: its optimiser, its checkpoint
         self.teacher.to(self.teacher_dtype)
         self.opt = {"generator": adamw(self.generator.parameters(), tc.lr_generator, tc),
                     "fake": adamw(self.fake.parameters(), tc.lr_fake, tc)}

@@ -40,14 +40,14 @@ from torch.utils._pytree import tree_leaves, tree_map
 from models.denoiser import Denoiser, schedule_from_scheduler_config
 from models.text import LatentDecoder
 
-from .backend import check_world
+from .backend import attach_gan_head, check_world
 from .errors import DMDError
 from .files import atomic_write_text, ensure_dir, resolve_path
 from .kinds import model_kind, teacher_folder
 from .losses import LPIPSRegression, MSERegression
+from .plan_report import GIB, RESERVE, render
 from .text2image import DecodedRegression
 
-GIB, RESERVE = 2 ** 30, 2 ** 30
 REDUCE_BUCKET, PREFETCH, REUSE = int(5e8), int(5e7), int(1e9)  # DeepSpeed's defaults (ds_config sets none)
 LOW_OPS = {"conv1d", "conv2d", "conv_transpose2d", "linear", "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm",
            "einsum", "scaled_dot_product_attention"}  # autocast's lower-precision list (what these nets call)
@@ -84,6 +84,7 @@ class Nets:
                 self._text_parts(folder, teacher)
             self.teacher = teacher.eval().requires_grad_(False)
             self.generator, self.fake = kind.trainables(cfg, teacher)
+            attach_gan_head(self.fake, cfg)  # DMD2's discriminator head counts with the fake score
             self.regression = self._regression() if cfg.train.reg_weight > 0 else None
         for m, d in [(m, d) for m, d in ((self.teacher, self.tdtype), (self.generator, self.dtype), (self.fake,
                      self.dtype), (self.text, self.tdtype), (self.decoder, self.tdtype)) if m is not None]:
@@ -211,8 +212,10 @@ def activation_peak(a: dict, cfg, m: int, mr: int, ckpt: bool) -> int:
     tc, g, f, key = cfg.train, a["generator"], a["fake"], "saved_on" if ckpt else "saved_off"
     learned = tc.fake_score == "learned"
     ug, uf, phases = g["unit"] * ckpt, f["unit"] * ckpt, [0]
-    if tc.dm_weight > 0:  # DM micro-batch (the teacher's forward, then backward); fake-score training
-        phases += [m * (g[key] + max(a["teacher_io"], ug + g["io"])), m * (f[key] + uf + f["io"]) * learned]
+    if tc.dm_weight > 0:  # DM micro-batch (the teacher's forward, then backward); fake-score training. GAN: the
+        # generator's loss keeps a fake-score pass; the fake's update three (denoising, D(generated), D(real))
+        gan_g, passes = f[key] * (tc.gan_weight_generator > 0), 3 if tc.gan_weight_fake > 0 else 1
+        phases += [m * (g[key] + gan_g + max(a["teacher_io"], ug + g["io"])), m * (passes * f[key] + uf + f["io"]) * learned]
     if "regression" in a:
         phases.append(mr * (g[key] + a["regression"]["saved"] + ug + max(g["io"], a["regression"]["io"])))
     return max(phases)
@@ -281,25 +284,6 @@ def plan(nets: Nets, acts: dict, n: int, gpu_bytes: int, gpu_source: str) -> dic
             "per_rank_bytes": {**total, "gpu_with_reserve": total["gpu"] + RESERVE, "items": items},
             "gpu_memory_bytes": gpu_bytes, "gpu_memory_source": gpu_source, "pairs_disk_bytes": disk,
             "pair_dtype": cfg.data.pair_dtype, "fits": on_cpu or total["gpu"] + RESERVE <= gpu_bytes}
-
-
-def render(p: dict) -> str:
-    pr, mb, a = p["per_rank_bytes"], p["micro_batch"], p["activations"]
-    unit, div = ("GiB", GIB) if pr["gpu"] + pr["cpu"] >= GIB else ("MiB", 2 ** 20)
-    row = lambda label, g, c, note="": f"{label:<62}{g / div:10.2f}{c / div:10.2f}{note}"
-    lines = [f"plan for '{p['name']}': {p['processes']} process(es), {p['engine']}, compute {p['dtypes']['compute']}, "
-             f"teacher {p['dtypes']['teacher']} (built from config files on the meta device: no weights loaded)",
-             "parameters: " + ", ".join(f"{k} {v:,}" for k, v in p["parameters"].items()),
-             f"per rank: DM micro-batch {mb['dm']} of {mb['dm_per_rank']}, regression micro-batch {mb['regression']} "
-             f"of {mb['regression_per_rank']}", f"{'per rank':<62}{'GPU ' + unit:>10}{'CPU ' + unit:>10}"]
-    lines += [row(i["label"], i["gpu"], i["cpu"], "  (transient)" * i["transient"]) for i in pr["items"].values()]
-    lines += [row("total (lasting items + the larger transient)", pr["gpu"], pr["cpu"]),
-              f"activation peak: {a['checkpointing_on'] / div:.2f} {unit} with gradient checkpointing, "
-              f"{a['checkpointing_off'] / div:.2f} {unit} without (saved tensors measured on the meta device)",
-              f"pairs on disk: {p['pairs_disk_bytes'] / GIB:.2f} GiB ({p['pair_dtype']})"]
-    verdict = (f"{'fits' if p['fits'] else 'does NOT fit'}: {pr['gpu_with_reserve'] / GIB:.2f} GiB per rank (with "
-               f"{RESERVE / GIB:.0f} GiB reserve) vs {p['gpu_memory_bytes'] / GIB:.2f} GiB ({p['gpu_memory_source']})")
-    return "\n".join(lines + ["verdict: " + ("a CPU run (train.device cpu)" if p["device"] == "cpu" else verdict)])
 
 
 def dry_run(cfg, out, processes=None, gpu_gib=None) -> dict:

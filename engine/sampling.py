@@ -12,6 +12,22 @@ from tqdm.auto import tqdm
 from models.samplers import sample as ode_sample
 
 
+def noise_shape(generator, sample_shape) -> tuple:
+    """The unit noise one sample of `generator` takes: the sample's shape for one step, K stacked noises on the
+    channel axis for a K-step generator (models/denoiser.OneStepGenerator.noise_shape), the toy's fixed (2,)."""
+    shape = getattr(generator, "noise_shape", None)
+    if callable(shape):
+        return tuple(shape(sample_shape))
+    return tuple(shape) if shape is not None else tuple(sample_shape)
+
+
+def steps_label(timesteps, details: str = "") -> str:
+    """'generator (details)', or for several steps '4-step generator (timesteps 999, 749, 499, 249; details)'."""
+    inside = [f"timesteps {', '.join(str(int(t)) for t in timesteps)}"] if timesteps and len(timesteps) > 1 else []
+    inside += [details] if details else []
+    head = f"{len(timesteps)}-step generator" if timesteps and len(timesteps) > 1 else "generator"
+    return f"{head} ({'; '.join(inside)})" if inside else head
+
 
 def balanced_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
     return torch.arange(n) % num_classes if num_classes else None
@@ -20,7 +36,8 @@ def balanced_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
 @torch.no_grad()
 def draw(fn, n: int, shape, num_classes, seed: int = 0, batch_size: int = 500, desc: str = "sampling",
          device="cpu", sink=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Calls fn(z, cond) on batches of seeded unit noise; returns (samples, labels). fn returns images as
+    """Calls fn(z, cond) on batches of seeded unit noise of `shape` per sample (a generator's `noise_shape`
+    above, which a K-step generator's samples do not have); returns (samples, labels). fn returns images as
     floats N×C×H×W in [-1, 1] or uint8 N×H×W×C (engine/fast_sampler.py), or the toy's 2-D points.
     sink(samples, labels): takes each batch as it comes (engine/outputs.SampleSink); samples is then None."""
     g = torch.Generator().manual_seed(seed)

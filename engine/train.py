@@ -22,18 +22,25 @@ from tqdm.auto import tqdm
 
 from engine import checkpoint, cli, faults, preempt, runfolder
 from engine.config import DMDConfig, load, to_dict
+from engine.backend import gan_on
 from engine.errors import DMDError
-from engine.files import atomic_write_text
+from engine.files import atomic_write_text, resolve_path
 from engine.kinds import model_kind, teacher_folder
 from engine.losses import check_regression_loss, make_regression_loss
 from engine.pair_loader import make_pair_feed
 from engine.pairs import BatchSampler, PairReader, expected_manifest, write_pairs
+from engine.real_data import make_real_feed, open_real
 from engine.plots import plot_log
 from engine.runlog import RunLog
 from engine.fast_sampler import OneStepSampler, SamplePath
-from engine.sampling import draw, save_samples
+from engine.sampling import draw, noise_shape, save_samples
 from engine.text2image import DecodedRegression
 from engine.trainer import DMDTrainer
+
+# x86 CPUs run subnormal floats some 100x slower, and DMD2's passes through the fake score make them (a digits
+# DMD2 step: 0.15 s flushed, 10 s and growing without). Flushed, values below ~1e-38 become 0 (README: DMD2).
+# Set before torch starts its worker threads, which keep the setting they start with.
+torch.set_flush_denormal(True)
 
 
 def parse_args():
@@ -65,6 +72,32 @@ def check_config(cfg, args):
     if tc.reg_weight > 0 and tc.reg_batch_size > cfg.data.num_pairs:
         raise DMDError(f"train.reg_batch_size = {tc.reg_batch_size} is larger than data.num_pairs = "
                        f"{cfg.data.num_pairs}")
+    if tc.gan_weight_generator > 0 and tc.gan_weight_fake == 0:
+        raise DMDError("train.gan_weight_generator > 0 needs train.gan_weight_fake > 0: the discriminator head "
+                       "is trained only by the fake score's GAN loss")
+    if gan_on(tc) and (tc.fake_score != "learned" or tc.dm_weight == 0):
+        raise DMDError("DMD2's GAN lives on the learned fake score: it needs train.fake_score = learned and "
+                       "train.dm_weight > 0")
+    if tc.gan_weight_fake > 0:
+        if not cfg.data.real_data:
+            raise DMDError("train.gan_weight_fake > 0 needs real data: set data.real_data to a real-data folder "
+                           "(assets/digits_real for the digits; engine/encode_real.py makes one from images)")
+        if not resolve_path(cfg.data.real_data).is_dir():
+            raise DMDError(f"data.real_data: folder '{cfg.data.real_data}' not found")
+    if tc.generator_timesteps:
+        if not model_kind(cfg.model.kind).folder:
+            raise DMDError(f"train.generator_timesteps needs a UNet teacher (model.kind unet or sd15), not "
+                           f"'{cfg.model.kind}'")
+        if model_kind(cfg.model.kind).text and 0 in tc.generator_timesteps:
+            raise DMDError("train.generator_timesteps: a step at t = 0 cannot be exported as a stock "
+                           "StableDiffusionPipeline (its LCMScheduler returns its input at t = 0); end at t >= 1")
+        if tc.reg_weight > 0 and len(tc.generator_timesteps) > 1:
+            raise DMDError("train.reg_weight > 0 needs a one-step generator: the regression pairs map one noise to "
+                           "one teacher output; set train.reg_weight = 0 for train.generator_timesteps with several "
+                           "steps (DMD2 trains them without pairs)")
+        if tc.compile and len(tc.generator_timesteps) > 1:
+            raise DMDError("train.compile supports a one-step generator only; set train.compile = false for "
+                           "train.generator_timesteps with several steps")
 
 
 def build_backend(cfg):
@@ -110,13 +143,13 @@ def regression_parts(cfg, models, out: Path, quiet: bool):
 
 
 def sample_images(models, n: int, seed: int, batch_size: int):
-    """n one-step samples of the sampling generator (EMA when on), decoded; every process takes part."""
+    """n samples of the sampling generator (EMA when on), decoded; every process takes part."""
     text = models.text
     prep = (lambda c: text.encoder.token_ids([text.prompts[i] for i in c.tolist()])) if text else (lambda c: c)
     with torch.no_grad(), models.autocast(), models.sampling() as gen:
         path = SamplePath(gen, text.encoder.text_encoder if text else None, text.decoder if text else None)
         sampler = OneStepSampler(path, models.device, dtype=None, compile=False, cuda_graphs=False, max_batch=batch_size)
-        return draw(lambda z, c: sampler(z, prep(c) if c is not None else None), n, models.sample_shape,
+        return draw(lambda z, c: sampler(z, prep(c) if c is not None else None), n, noise_shape(gen, models.sample_shape),
                     models.num_classes, seed=seed, batch_size=batch_size, device=models.device)
 
 
@@ -206,6 +239,7 @@ def main():
 
     # 2. pairs and the regression loss; then the run's own files (a run refused so far leaves none)
     reader, sampler, regression = regression_parts(cfg, models, out, quiet)
+    real_reader, real_sampler = open_real(cfg, models)
     t_pairs = time.time() - t_start
     if models.is_main:
         if not args.resume:  # a resumed run's config.json changes only once its checkpoint has loaded
@@ -216,25 +250,28 @@ def main():
     trainer = DMDTrainer(models, tc, regression, reader, tc.seed)
     trainer.nan_steps = faults.nan_steps()
     if args.resume:
-        checkpoint.load(out, models, trainer, sampler)
+        checkpoint.load(out, models, trainer, sampler, real_sampler)
         if models.is_main:
             print(f"resumed at step {trainer.step}" + (f", changed: {', '.join(changes)}" if changes else ""))
             atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2))
-    elif tc.fake_warmup_steps and tc.dm_weight > 0 and tc.fake_score == "learned":
+    feed = make_pair_feed(cfg.data.loader, reader, sampler, models) if reader is not None else None  # after resume
+    if real_reader is not None:
+        trainer.real = make_real_feed(cfg.data.loader, real_reader, real_sampler, models)
+    if not args.resume and tc.fake_warmup_steps and tc.dm_weight > 0 and tc.fake_score == "learned":
         with tqdm(total=tc.fake_warmup_steps, desc="fake-score warm-up", disable=quiet) as bar, models.autocast():
             trainer.warmup_fake(tc.fake_warmup_steps, bar)
-    feed = make_pair_feed(cfg.data.loader, reader, sampler, models) if reader is not None else None  # after resume
 
     # 4. the loop
     log = RunLog(out, models.is_main, t_start)
     if args.resume:
         log.note({"resumed_from": trainer.step, "config_changes": changes})
-    save = lambda: checkpoint.save(out, models, trainer, sampler, {"config": to_dict(cfg)}, cfg.deepspeed.keep_checkpoints)
+    save = lambda: checkpoint.save(out, models, trainer, sampler, {"config": to_dict(cfg)}, cfg.deepspeed.keep_checkpoints,
+                                   real_sampler)
     t_train = time.time()
     finished = train_loop(cfg, models, trainer, feed, out, max_steps, quiet, log, save)
     train_s = time.time() - t_train
     if not finished:
-        shutdown(log, feed, models)
+        shutdown(log, feed, models, trainer.real)
         sys.exit(preempt.EXIT_PREEMPTED)
 
     # 5. final checkpoint and export, samples, summary
@@ -252,13 +289,14 @@ def main():
         plot_log(out / "log.jsonl", out / "losses.png")
         print(f"done: {trainer.step} steps in {train_s:.0f} s; generator in {out / 'generator'}, samples in "
               f"{out / 'samples.npz'}")
-    shutdown(log, feed, models)
+    shutdown(log, feed, models, trainer.real)
 
 
-def shutdown(log, feed, models):
+def shutdown(log, feed, models, real=None):
     log.close()
-    if feed is not None:
-        feed.close()
+    for f in (feed, real):
+        if f is not None:
+            f.close()
     models.close()
 
 

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from models import Denoiser, OneStepGenerator, weights_hash
+from models import Denoiser, weights_hash
 
-from .backend import Backend, adamw, check_world, dtype_choice, set_dropout, warmup_scheduler
+from .backend import Backend, adamw, attach_gan_head, check_world, dtype_choice, set_dropout, warmup_scheduler
 from .distributed import ds_config, init_distributed, load_partitioned, tensors_only
 from .errors import DMDError
 from .faults import kill_hook
 from .files import load_tensors, write_digests
-from .kinds import model_kind, teacher_folder
+from .kinds import generator_of, model_kind, teacher_folder
 from .tags import intact_tag, latest_tag, publish
 from .text2image import load_text
 
@@ -112,7 +112,9 @@ class ZeroBackend(Backend):
         conf = ds_config(self.cfg, self.world_size, self.dtype, True)
         d = self._partitioned_denoiser(conf, True)
         d.sample_shape = self.teacher.sample_shape  # text kinds: the latent shape load_text set
-        model = OneStepGenerator(d) if name == "generator" else d
+        if name == "fake":
+            attach_gan_head(d, self.cfg)  # whole here; DeepSpeed partitions it at initialize
+        model = generator_of(d, self.cfg) if name == "generator" else d
         opt = adamw(model.parameters(), lr, self.cfg.train)
         sched = lambda o: warmup_scheduler(o, self.cfg.deepspeed.lr_warmup_steps)
         return tensors_only(self.ds.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf)[0])

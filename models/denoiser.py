@@ -146,26 +146,71 @@ def _read_json(path: Path) -> dict:
 
 
 class OneStepGenerator(nn.Module):
-    """G(z, c) = mu_G(sigma_{T-1} z, T-1, c): the teacher's network run at one fixed timestep (DMD Sec. 3.1)."""
+    """G(z, c): the teacher's network run at fixed timesteps (DMD Sec. 3.1; DMD2 Sec. 4.5 for several).
 
-    def __init__(self, denoiser: Denoiser, timestep: int | None = None):
+    One step (the default): G(z, c) = mu_G(sigma_{T-1} z, T-1, c). Several steps t_0 > t_1 > ... (DMD2's
+    [999, 749, 499, 249]): x0 = mu_G(sigma_{t_0} z_0, t_0); then at each later t_k the prediction is noised
+    again with fresh unit noise z_k, x_{t_k} = alpha_{t_k} x0 + sigma_{t_k} z_k, and denoised once more. All the
+    noise is one input, z of shape (B, K*C, H, W) (`noise_shape`), chunk k = z_k, so a K-step sample is a pure
+    function of its input (seeded draws, compiled and CUDA-graphed sampling work unchanged).
+    """
+
+    def __init__(self, denoiser: Denoiser, timestep: int | None = None, timesteps=None):
         super().__init__()
         self.denoiser = denoiser
-        self.timestep = denoiser.schedule.T - 1 if timestep is None else int(timestep)
+        T = denoiser.schedule.T
+        steps = [int(t) for t in timesteps] if timesteps else [T - 1 if timestep is None else int(timestep)]
+        if any(not 0 <= t < T for t in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"generator timesteps must be decreasing integers in [0, {T}), got {steps}")
+        self.timesteps = steps
+        self.timestep = steps[0]  # the one-step generator's timestep (older code and files name it so)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def noise_shape(self, sample_shape) -> tuple:
+        """The unit noise one sample takes: the sample's shape, channels times the number of steps."""
+        c, *rest = sample_shape
+        return (c * self.num_steps, *rest)
+
+    def start(self, z0: torch.Tensor) -> torch.Tensor:
+        """x_{t_0} for unit noise z0 (the signal term alpha_{t_0} x0 is dropped: pure noise, as at t = T-1)."""
+        if self.timesteps[0] == self.denoiser.schedule.T - 1:
+            return self.denoiser.init_noise(z0)
+        return float(self.denoiser.schedule.sigma[self.timesteps[0]]) * z0
+
+    def denoise(self, x_t: torch.Tensor, k: int, cond=None) -> torch.Tensor:
+        """Step k: the x0 prediction from x_{t_k}."""
+        t = torch.full((x_t.shape[0],), self.timesteps[k], dtype=torch.long, device=x_t.device)
+        return self.denoiser(x_t, t, cond)
+
+    def renoise(self, x0: torch.Tensor, zk: torch.Tensor, k: int) -> torch.Tensor:
+        """x_{t_k} = alpha_{t_k} x0 + sigma_{t_k} zk: the input of step k >= 1."""
+        t = torch.full((x0.shape[0],), self.timesteps[k], dtype=torch.long, device=x0.device)
+        return self.denoiser.schedule.add_noise(x0, zk.to(x0), t)
 
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        t = torch.full((z.shape[0],), self.timestep, dtype=torch.long, device=z.device)
-        return self.denoiser(self.denoiser.init_noise(z), t, cond)
+        want = self.num_steps * self.denoiser.net.config.in_channels
+        if z.shape[1] != want:
+            raise ValueError(f"a {self.num_steps}-step generator takes noise of {want} channels (its steps' draws "
+                             f"stacked), got {z.shape[1]}")
+        zs = z.chunk(self.num_steps, dim=1) if self.num_steps > 1 else (z,)
+        x0 = self.denoise(self.start(zs[0]), 0, cond)
+        for k in range(1, self.num_steps):
+            x0 = self.denoise(self.renoise(x0, zs[k], k), k, cond)
+        return x0
 
     def save_pretrained(self, folder, state_dict: dict | None = None):
         """state_dict: the denoiser network's weights (keys as in self.denoiser.net), when not held here."""
-        self.denoiser.save_pretrained(folder, {"one_step_timestep": self.timestep}, state_dict)
+        self.denoiser.save_pretrained(folder, {"one_step_timestep": self.timestep, "timesteps": self.timesteps},
+                                      state_dict)
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32):
         d = Denoiser.from_pretrained(folder, dtype)
         meta = json.loads((Path(folder) / "dmd_model.json").read_text()) if (Path(folder) / "dmd_model.json").is_file() else {}
-        return cls(d, meta.get("one_step_timestep"))
+        return cls(d, meta.get("one_step_timestep"), meta.get("timesteps"))
 
 
 def trainable_copy(model: nn.Module) -> nn.Module:

@@ -143,6 +143,22 @@ def _direct_clip(env, images, prompts):
     return float((100 * cos.clamp(min=0)).mean()), cos
 
 
+def _direct_clip_features(env, images, size, clip=None):
+    """Crop + Lanczos as for FID, the model's processor, then the unnormalised projected image embedding."""
+    from transformers import AutoImageProcessor, CLIPModel
+    folder = clip or env["clip"]
+    model, proc = CLIPModel.from_pretrained(folder).eval(), AutoImageProcessor.from_pretrained(folder)
+    squares = []
+    for im in images:
+        h, w = im.shape[:2]
+        s = min(h, w)
+        top, left = int(round((h - s) / 2)), int(round((w - s) / 2))
+        squares.append(np.asarray(Image.fromarray(im[top:top + s, left:left + s]).resize((size, size), Image.LANCZOS)))
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=proc(images=squares, return_tensors="pt")["pixel_values"])
+    return (out if torch.is_tensor(out) else out.pooler_output).numpy().astype(np.float64)
+
+
 # -- tests ----------------------------------------------------------------------------------------------------
 
 def test_fid_and_clip_match_direct_computations(env, capsys):
@@ -237,7 +253,7 @@ def test_missing_inception_file_is_one_line_and_exit_2(env, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["prompt_count", "npz_prompt_count", "no_images_key", "empty_ref", "clip_no_prompts",
-                                  "default_inception_missing", "clip_missing", "bad_metric"])
+                                  "default_inception_missing", "clip_missing", "bad_metric", "fd_clip_no_ref"])
 def test_bad_input_is_one_line_and_exit_2(env, capsys, monkeypatch, tmp_path, case):
     a, x = env["dir"] / "a.npz", tmp_path / "x.npz"
     if case == "npz_prompt_count":
@@ -255,9 +271,67 @@ def test_bad_input_is_one_line_and_exit_2(env, capsys, monkeypatch, tmp_path, ca
         "default_inception_missing": ((a, "--ref", env["ref_a"]), {"inception": None}, metrics.INCEPTION_NAME),
         "clip_missing": ((a, "--metrics", "clip"), {"clip": tmp_path / "no_clip"}, "no_clip"),
         "bad_metric": ((a, "--metrics", "fid,kid"), {}, "--metrics"),
+        "fd_clip_no_ref": ((a, "--metrics", "fd_clip"), {}, "cannot compute FD_CLIP: no reference folder"),
     }[case]
     if case == "empty_ref":
         (tmp_path / "empty").mkdir()
     code, _, err, _ = _run(capsys, env, *args, **kw)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (case, err)
     assert expect in err, (case, err)
+
+
+def test_fd_clip_matches_a_direct_computation(env, capsys):
+    wide = _images(3, n=30, h=20, w=29)
+    code, out, err, r = _run(capsys, env, env["dir"] / "a.npz", "--ref", env["ref_wide"], "--ref-stats",
+                             env["dir"] / "wide.npz")
+    assert code == 0, err
+    want = _direct_fid(_direct_clip_features(env, env["a"], SIDE), _direct_clip_features(env, wide, SIDE))
+    assert r["fd_clip"] == pytest.approx(want, rel=1e-5) and want > 1e-3
+    assert r["fid"] != pytest.approx(r["fd_clip"], rel=1e-2)  # its own feature space, not FID's copied
+    assert "FD_CLIP" in out and (env["dir"] / "wide.fd_clip.npz").is_file()
+    # a set against itself: zero; a brighter set against it: not
+    code, _, err, same = _run(capsys, env, env["dir"] / "a.npz", "--ref", env["ref_a"], "--metrics", "fd_clip")
+    assert code == 0, err
+    assert "fid" not in same
+    feats = _direct_clip_features(env, env["a"], SIDE)
+    assert abs(same["fd_clip"]) < 1e-6 * np.trace(np.cov(feats, rowvar=False))
+    _, _, _, other = _run(capsys, env, env["dir"] / "b.npz", "--ref", env["ref_a"], "--metrics", "fd_clip")
+    want = _direct_fid(_direct_clip_features(env, env["b"], SIDE), feats)
+    assert other["fd_clip"] == pytest.approx(want, rel=1e-5) and want > 1e-3
+
+
+def test_fd_clip_reference_cache_is_keyed_by_the_clip_weights(env, capsys, tmp_path):
+    import shutil
+    from transformers import CLIPModel
+    ref, cache = _pngs(tmp_path / "ref", env["b"][:10]), tmp_path / "stats.npz"
+    args = (env["dir"] / "a.npz", "--ref", ref, "--ref-stats", cache, "--metrics", "fd_clip")
+    _, out1, _, r1 = _run(capsys, env, *args)
+    _, out2, _, r2 = _run(capsys, env, *args)
+    assert "computed" in out1 and "reused" in out2 and r2["fd_clip"] == r1["fd_clip"]
+    copy = shutil.copytree(env["clip"], tmp_path / "clip_copy")  # the same weights elsewhere: the same statistics
+    _, out3, _, r3 = _run(capsys, env, *args, clip=copy)
+    assert "reused" in out3 and r3["fd_clip"] == r1["fd_clip"]
+    model = CLIPModel.from_pretrained(copy)
+    with torch.no_grad():
+        model.visual_projection.weight.mul_(1.5)  # other weights, same folder: recomputed
+    model.save_pretrained(copy)
+    _, out4, err, r4 = _run(capsys, env, *args, clip=copy)
+    assert "computed" in out4 and r4["clip_fingerprint"] != r1["clip_fingerprint"], err
+    want = _direct_fid(_direct_clip_features(env, env["a"], SIDE, copy), _direct_clip_features(env, env["b"][:10],
+                                                                                              SIDE, copy))
+    assert r4["fd_clip"] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_missing_piece_is_named_in_one_line(env, capsys):
+    # no prompts and no --clip: FID alone, and FD_CLIP says what it lacks (no default model is tried)
+    code, out, err, r = _run(capsys, env, env["dir"] / "b.npz", "--ref", env["ref_a"], clip=None)
+    assert code == 0, err
+    assert "fid" in r and "fd_clip" not in r and "clip_score" not in r
+    assert [ln for ln in out.splitlines() if ln.startswith("FD_CLIP: skipped")] == [
+        "FD_CLIP: skipped, no CLIP model (--clip PATH_OR_ID)"]
+    # no reference: CLIP score alone, both Frechet distances say so
+    code, out, err, r = _run(capsys, env, env["dir"] / "a.npz")
+    assert code == 0, err
+    assert "clip_score" in r and "fid" not in r and "fd_clip" not in r
+    for name in ("FID", "FD_CLIP"):
+        assert f"{name}: skipped, no reference folder (--ref FOLDER)" in out.splitlines()

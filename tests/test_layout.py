@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT
 
 PACKAGES = ("engine", "models", "kernels", "examples")
-ENTRY_POINTS = {"engine/train.py", "engine/make_pairs.py", "engine/infer.py", "engine/evaluate.py"}
+ENTRY_POINTS = {"engine/train.py", "engine/make_pairs.py", "engine/infer.py", "engine/evaluate.py",
+                "engine/encode_real.py"}
 MAX_LINES = 320  # "about 300"
 
 

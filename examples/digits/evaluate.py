@@ -1,11 +1,15 @@
-"""Evaluate samples: Frechet distance in digits-classifier feature space (via clean-fid), class accuracy,
-and Inception FID when the Inception weights are on disk.
+"""Evaluate samples: Frechet distance in two independent feature spaces (via clean-fid), class accuracy, and
+Inception FID when the Inception weights are on disk.
 
     python examples/digits/evaluate.py samples.npz [--json metrics.json]
     python examples/digits/evaluate.py --real heldout        # the floor: held-out real digits vs training digits
 
 The reference is the training split. FD is biased by sample count, so every set is scored on subsets of
 the held-out split's size (360) and the mean (and std over 20 random subsets) is reported.
+
+Two judges, so that settings tuned on one are checked on the other: `fd` uses the digits classifier's
+penultimate features (examples/digits/classifier.py), `fd2` the bottleneck of a denoising autoencoder with
+another architecture, objective and seed (examples/digits/judge.py). Both score the same subsets.
 """
 if __name__ == "__main__":  # run as a script from a checkout: the repo root on sys.path
     import _bootstrap  # noqa: F401
@@ -25,8 +29,10 @@ from engine.files import atomic_write_text, resolve_path
 from engine.sampling import from_uint8, to_uint8
 from examples.digits.classifier import CleanFIDExtractor, load_classifier
 from examples.digits.data import load_digits
+from examples.digits.judge import SPACE, JudgeExtractor, load_judge
 
 CLASSIFIER = "assets/digits_classifier"
+JUDGE = "assets/digits_judge"
 INCEPTION_FILE = Path(tempfile.gettempdir()) / "inception-2015-12-05.pt"  # where clean-fid looks for it
 
 
@@ -78,24 +84,31 @@ def frechet(feats: np.ndarray, ref_mu, ref_sigma) -> float:
 
 
 class Evaluator:
-    def __init__(self, classifier=CLASSIFIER, resolution: int = 8):
+    def __init__(self, classifier=CLASSIFIER, resolution: int = 8, judge=JUDGE):
         self.clf = load_classifier(resolve_path(classifier))
-        self.extractor = CleanFIDExtractor(self.clf)
+        # result key -> feature extractor; each has its own reference statistics of the training split
+        self.extractors = {"fd": CleanFIDExtractor(self.clf), "fd2": JudgeExtractor(load_judge(resolve_path(judge)))}
         ref = to_uint8(load_digits("train", resolution)[0])
-        f = clean_fid_features(ref, self.extractor)
-        self.ref_mu, self.ref_sigma = f.mean(0), np.cov(f, rowvar=False)
+        self.ref_stats = {}
+        for key, extractor in self.extractors.items():
+            f = clean_fid_features(ref, extractor)
+            self.ref_stats[key] = f.mean(0), np.cov(f, rowvar=False)
         self.subset = len(load_digits("heldout", resolution)[1])
         self.ref_images = ref
 
     def __call__(self, images: np.ndarray, labels: np.ndarray, subsets: int = 20, seed: int = 0) -> dict:
-        feats = clean_fid_features(images, self.extractor)
         n = min(self.subset, len(images))
         rng = np.random.default_rng(seed)
-        fds = [frechet(feats[rng.permutation(len(feats))[:n]], self.ref_mu, self.ref_sigma) for _ in range(subsets)]
+        picks = [rng.permutation(len(images))[:n] for _ in range(subsets)]  # the same subsets for both judges
+        res = {}
+        for key, extractor in self.extractors.items():
+            feats = clean_fid_features(images, extractor)
+            fds = [frechet(feats[i], *self.ref_stats[key]) for i in picks]
+            res.update({key: float(np.mean(fds)), f"{key}_std": float(np.std(fds))})
         with torch.no_grad():
             pred = self.clf(from_uint8(images)).argmax(1).numpy()
-        return {"fd": float(np.mean(fds)), "fd_std": float(np.std(fds)), "subset_size": n, "subsets": subsets,
-                "accuracy": float((pred == labels).mean()), "num_samples": len(images)}
+        return {**res, "subset_size": n, "subsets": subsets, "accuracy": float((pred == labels).mean()),
+                "num_samples": len(images)}
 
 
 def inception_fid(images: np.ndarray, ref_images: np.ndarray) -> float | None:
@@ -117,6 +130,7 @@ def main():
     p.add_argument("--real", choices=["heldout", "train"], help="score real digits instead of a file")
     p.add_argument("--subsets", type=int, default=20)
     p.add_argument("--classifier", default=CLASSIFIER)
+    p.add_argument("--judge", default=JUDGE, help="the second judge's folder (examples/digits/train_judge.py)")
     p.add_argument("--json", help="also write the metrics here")
     args = p.parse_args()
     if not args.samples and not args.real:
@@ -127,12 +141,14 @@ def main():
     else:
         images, labels = read_samples(args.samples)
         name = args.samples
-    ev = Evaluator(args.classifier, images.shape[1])
+    ev = Evaluator(args.classifier, images.shape[1], args.judge)
     m = ev(images, labels, args.subsets)
     m["inception_fid"] = inception_fid(images, ev.ref_images)
     print(f"{name}: {m['num_samples']} samples")
     print(f"  Frechet distance (digits-classifier features, clean-fid, vs train, {m['subsets']} subsets of "
           f"{m['subset_size']}): {m['fd']:.3f} ± {m['fd_std']:.3f}")
+    print(f"  Frechet distance, judge 2 (digits {SPACE} features, clean-fid, vs train, the same subsets): "
+          f"{m['fd2']:.3f} ± {m['fd2_std']:.3f}")
     print(f"  class accuracy: {100 * m['accuracy']:.2f} %")
     if m["inception_fid"] is None:
         print(f"  Inception FID: not computed (Inception weights not found at {INCEPTION_FILE}; they cannot be "

@@ -1,0 +1,196 @@
+"""DMD2 in the trainer: the GAN head on the fake score's bottleneck and its two losses, and the multi-step
+generator's backward simulation (engine/trainer.py, models/gan.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_guards import _clone, _same, _trainer
+
+STEPS = [999, 749, 499, 249]
+
+
+class ListFeed:
+    """Real data for the discriminator: fixed random 'real' digits with labels, handed out in order."""
+
+    def __init__(self, n=64, seed=5):
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y, self.pos = torch.rand((n, 1, 8, 8), generator=g) * 2 - 1, torch.arange(n) % 10, 0
+
+    def next(self, bs=4):
+        i = torch.arange(self.pos, self.pos + bs) % len(self.y)
+        self.pos += bs
+        return self.x[i], self.y[i]
+
+    def close(self):
+        pass
+
+
+def _gan_trainer(teacher_dir, **train):
+    tr = _trainer(teacher_dir, gan_weight_generator=0.5, gan_weight_fake=0.3, **train)
+    tr.real = ListFeed()
+    return tr
+
+
+def _head(m):
+    return list(m.fake.gan_head.parameters())
+
+
+def test_gan_head_is_part_of_the_fake_score_only(tiny_teacher_dir, tmp_path):
+    m = _gan_trainer(tiny_teacher_dir).m
+    head = {id(p) for p in _head(m)}
+    assert head and head <= {id(p) for p in m.opt["fake"].param_groups[0]["params"]}  # the fake score's optimiser
+    assert not head & {id(p) for p in m.generator.parameters()}
+    assert any(k.startswith("gan_head.") for k in m._state_dict()["fake"])  # in the checkpoint
+    m.write_generator(tmp_path / "gen")  # the export holds the generator's network alone
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "gen" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not any("gan_head" in k for k in keys)
+    assert _trainer(tiny_teacher_dir).m.fake.__dict__["_modules"].get("gan_head") is None  # off by default
+
+
+def test_generator_gan_loss_moves_only_the_generator(tiny_teacher_dir):
+    tr = _gan_trainer(tiny_teacher_dir, dm_weight=0.0)  # the GAN term alone
+    m = tr.m
+    teacher0, fake0 = _clone(m.teacher), _clone(m.fake)
+    logs, _, _ = tr.generator_step()
+    assert logs["loss_gan_g"] > 0 and "loss_dm" not in logs
+    assert all(p.grad is None for p in m.fake.parameters())  # frozen while the loss passed through it
+    assert all(p.requires_grad for p in m.fake.parameters())  # and trainable again afterwards
+    g0 = _clone(m.generator)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters())
+    m.step("generator")
+    assert not _same(m.generator, g0) and _same(m.fake, fake0) and _same(m.teacher, teacher0)
+
+
+def test_discriminator_loss_moves_only_the_fake_score_and_its_head(tiny_teacher_dir):
+    tr = _gan_trainer(tiny_teacher_dir)
+    m = tr.m
+    gen0, teacher0, head0 = _clone(m.generator), _clone(m.teacher), [p.detach().clone() for p in _head(m)]
+    logs = tr.fake_step()
+    assert {"loss_gan_d", "d_real", "d_fake"} <= set(logs)
+    assert all(p.grad is None for p in m.generator.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _head(m))
+    m.step("fake")
+    assert _same(m.generator, gen0) and _same(m.teacher, teacher0)
+    assert not all(torch.equal(p, q) for p, q in zip(_head(m), head0))
+    # without the GAN the head would get nothing: the fake score's own loss does not reach it
+    plain = _trainer(tiny_teacher_dir, gan_weight_fake=0.3)
+    plain.real = ListFeed()
+    plain.tc.gan_weight_fake = 0.0
+    plain.fake_step()
+    assert all(p.grad is None for p in plain.m.fake.gan_head.parameters())
+
+
+def test_discriminator_loss_value(tiny_teacher_dir, monkeypatch):
+    """loss_gan_d is the mean of softplus(D(fake)) + softplus(-D(real)) over the logits the head gave."""
+    import engine.trainer as trainer
+    seen = []
+    real = trainer.discriminate
+
+    def spy(*a):
+        out = real(*a)
+        seen.append(out.detach())
+        return out
+    monkeypatch.setattr(trainer, "discriminate", spy)
+    tr = _gan_trainer(tiny_teacher_dir)
+    logs = tr.fake_step()
+    lf, lr = seen
+    want = (F.softplus(lf) + F.softplus(-lr)).mean()
+    torch.testing.assert_close(logs["loss_gan_d"], want)
+    torch.testing.assert_close(logs["d_real"], torch.sigmoid(lr).mean())
+
+
+def test_gan_train_step_is_reproducible_and_uses_real_data(tiny_teacher_dir):
+    def run(seed_real):
+        tr = _gan_trainer(tiny_teacher_dir, fake_updates_per_generator=2)
+        tr.real = ListFeed(seed=seed_real)
+        return [tr.train_step() for _ in range(2)], _clone(tr.m.fake)
+    a, fa = run(5)
+    b, fb = run(5)
+    c, fc = run(6)
+    assert a == b and all(torch.equal(p, q) for p, q in zip(fa, fb))
+    assert not all(torch.equal(p, q) for p, q in zip(fa, fc))  # other real data, another fake score
+
+
+# --- multi-step generator: backward simulation ---------------------------------------------------------------
+def _unrolled(gen, z, c, k):
+    """The generator's first k + 1 steps written out by hand with the denoiser: what sampling does."""
+    den, sch = gen.denoiser, gen.denoiser.schedule
+    zs = z.chunk(len(STEPS), dim=1)
+    x = float(sch.sigma[STEPS[0]]) * zs[0]
+    for j in range(k + 1):
+        t = torch.full((z.shape[0],), STEPS[j])
+        if j:
+            x = sch.alpha[STEPS[j]] * x0 + sch.sigma[STEPS[j]] * zs[j]
+        x0 = den(x, t, c)
+    return x0
+
+
+def test_backward_simulation_equals_an_unrolled_sampler(tiny_teacher_dir):
+    tr = _trainer(tiny_teacher_dir, generator_timesteps=STEPS, batch_size=6)
+    g = tr.m.generator
+    assert g.num_steps == 4 and g.noise_shape((1, 8, 8)) == (4, 8, 8)
+    ks = set()
+    for _ in range(12):
+        state = tr.rng.get_state()
+        with torch.no_grad():
+            x_in, k, c = tr.generator_inputs(6)
+            out = tr.run_generator(x_in, k, c)
+        tr.rng.set_state(state)  # the same draws, by hand: noise and labels, then the step
+        z = torch.randn((6, 4, 8, 8), generator=tr.rng)
+        labels = torch.randint(0, 10, (6,), generator=tr.rng)
+        assert int(torch.randint(0, 4, (1,), generator=tr.rng)) == k
+        with torch.no_grad():
+            torch.testing.assert_close(out, _unrolled(g, z, labels, k), rtol=1e-5, atol=1e-5)
+            if k == 3:  # the last step's training sample is exactly a full 4-step sample
+                torch.testing.assert_close(out, g(z, labels), rtol=1e-5, atol=1e-5)
+        ks.add(k)
+    assert ks == {0, 1, 2, 3}
+
+
+def test_multistep_generator_trains(tiny_teacher_dir):
+    tr = _gan_trainer(tiny_teacher_dir, generator_timesteps=STEPS, fake_updates_per_generator=2)
+    g0 = _clone(tr.m.generator)
+    for _ in range(3):
+        logs = tr.train_step()
+        assert logs["skipped"] == 0.0
+    assert not _same(tr.m.generator, g0)
+
+
+def test_bad_gan_and_step_settings_are_refused(tiny_teacher_dir):
+    from engine.config import ConfigError, DMDConfig, parse
+    from engine.errors import DMDError
+    with pytest.raises(ConfigError, match="generator_timesteps"):
+        parse(DMDConfig, {"train": {"generator_timesteps": [249, 999]}})
+    with pytest.raises(ConfigError, match="gan_weight_fake"):
+        parse(DMDConfig, {"train": {"gan_weight_fake": -1}})
+    with pytest.raises(DMDError, match="generator_timesteps"):
+        _trainer(tiny_teacher_dir, generator_timesteps=[1500, 10])
+
+
+def test_gan_with_gradient_checkpointing_matches_without(tiny_teacher_dir):
+    """The generator's GAN loss through a gradient-checkpointed fake score (ZeRO-3 configs checkpoint): the fake
+    stays frozen through the backward's recompute, and the gradients equal those without checkpointing."""
+    grads = []
+    for ckpt in (False, True):
+        tr = _gan_trainer(tiny_teacher_dir)
+        if ckpt:
+            tr.m.fake.net.enable_gradient_checkpointing()
+            tr.m.generator.denoiser.net.enable_gradient_checkpointing()
+        tr.generator_step()
+        assert all(p.grad is None for p in tr.m.fake.parameters())
+        grads.append([p.grad.clone() for p in tr.m.generator.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_head_keeps_features_only_while_discriminating(tiny_teacher_dir):
+    from models.gan import discriminate
+    m = _gan_trainer(tiny_teacher_dir).m
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        m.fake(x, t, c)
+        assert m.fake.gan_head.taken is None  # an ordinary pass keeps nothing
+        a, b = discriminate(m.fake, x, t, c), discriminate(m.fake, x, t, c)
+    assert torch.equal(a, b) and m.fake.gan_head.taken is None
+    assert len(m.fake.net.mid_block._forward_hooks) == 1  # one hook, not one per call
