@@ -3,7 +3,8 @@
     DMD_TEST_NAN_AT_STEP=k    poisons step k's generator loss with NaN ("k-": every step from k on)
     DMD_TEST_KILL_AT_STEP=k   SIGKILLs the process after step k
     DMD_TEST_KILL_IN_SAVE=k   SIGKILLs a ZeRO-3 process midway through writing step k's checkpoint
-    DMD_TEST_KILL_IN_SHARD=k  SIGKILLs a pairs job after its k-th shard's parts, before that shard's record
+    DMD_TEST_KILL_IN_SHARD=k  SIGKILLs a pairs or real-data job (engine/encode_real.py, write_pixel_folder) after
+                              its k-th shard's parts, before that shard's record
 """
 from __future__ import annotations
 
