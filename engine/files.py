@@ -1,6 +1,7 @@
 """File helpers every part of the engine shares: repository-relative paths, atomic writes and folder swaps."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import shutil
@@ -142,3 +143,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_manifest(folder: Path, what: str, error, expect: dict | None, hint: str) -> dict:
+    """folder/manifest.json (written last by the pairs and real-data jobs), checked against `expect` (key ->
+    value); anything else is one line as `error`, naming the file and, for a mismatch, `hint`."""
+    mpath = Path(folder) / "manifest.json"
+    if not mpath.is_file():
+        raise error(f"{what} '{folder}' has no manifest.json (missing or incomplete)")
+    try:
+        man = json.loads(mpath.read_text())
+    except json.JSONDecodeError:
+        raise error(f"{mpath}: not valid JSON") from None
+    if not isinstance(man, dict):
+        raise error(f"{mpath}: not a manifest (no JSON object)")
+    for key, want in (expect or {}).items():
+        if man.get(key) != want:
+            raise error(f"{mpath}: '{key}' is {man.get(key)!r} but this run expects {want!r} ({hint})")
+    return man

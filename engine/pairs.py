@@ -15,13 +15,13 @@ a job that was killed. The manifest is written last: a folder without one is inc
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import PairsError
+from .files import read_manifest
 from .pairs_job import (FORMAT, PARTS, STORAGE, decode, expected_manifest, labels_for, noise_for,  # noqa: F401
                         part_problem, write_pairs)
 
@@ -34,17 +34,8 @@ class PairReader:
         has verified, e.g. DALI's worker, passes False)."""
         self.folder = Path(folder)
         mpath = self.folder / "manifest.json"
-        if not mpath.is_file():
-            raise PairsError(f"pairs folder '{self.folder}' has no manifest.json (missing or incomplete)")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError:
-            raise PairsError(f"{mpath}: not valid JSON") from None
-        for key, want in (expect or {}).items():
-            have = self.manifest.get(key)
-            if have != want:
-                raise PairsError(f"{mpath}: '{key}' is {have!r} but this run expects {want!r} "
-                                 f"(delete the folder to remake the pairs, or point data.pairs_dir elsewhere)")
+        self.manifest = read_manifest(self.folder, "pairs folder", PairsError, expect, "delete the folder to remake "
+                                      "the pairs, or point data.pairs_dir elsewhere")
         self.verify = verify
         self.dtype = self.manifest.get("dtype", "float32")
         if self.dtype not in STORAGE:

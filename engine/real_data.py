@@ -31,7 +31,7 @@ from models import weights_hash
 
 from .errors import DMDError
 from .faults import kill_hook
-from .files import atomic_write_text, file_digest, recover_swapped, resolve_path, swap_in
+from .files import atomic_write_text, file_digest, read_manifest, recover_swapped, resolve_path, swap_in
 from .pair_loader import make_feed
 from .pairs_job import (MISSING, STORAGE, decode, encode, fingerprint, part_path, part_problem, record_path,
                         shard_plan, shard_problem, write_manifest, write_part)
@@ -150,18 +150,10 @@ class RealReader:
         has verified, e.g. DALI's worker, passes False)."""
         self.folder = Path(folder)
         mpath = self.folder / "manifest.json"
-        if not mpath.is_file():
-            raise RealDataError(f"real-data folder '{self.folder}' has no manifest.json (missing or incomplete)")
-        try:
-            man = self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError:
-            raise RealDataError(f"{mpath}: not valid JSON") from None
-        if not isinstance(man, dict) or man.get("format") != FORMAT:
+        man = self.manifest = read_manifest(self.folder, "real-data folder", RealDataError, expect, "make the real "
+                                            "data for this run: engine/encode_real.py, examples/digits/make_real.py")
+        if man.get("format") != FORMAT:
             raise RealDataError(f"{mpath}: not a real-data manifest (format is not '{FORMAT}')")
-        for key, want in (expect or {}).items():
-            if man.get(key) != want:
-                raise RealDataError(f"{mpath}: '{key}' is {man.get(key)!r} but this run expects {want!r} (make the "
-                                    f"real data for this run: engine/encode_real.py, examples/digits/make_real.py)")
         self.verify = verify
         try:
             self.dtype, self.shape, self.kind = man["dtype"], tuple(man["shape"]), man["kind"]

@@ -117,7 +117,7 @@ def _unrolled(gen, z, c, k):
     """The generator's first k + 1 steps written out by hand with the denoiser: what sampling does."""
     den, sch = gen.denoiser, gen.denoiser.schedule
     zs = z.chunk(len(STEPS), dim=1)
-    x = float(sch.sigma[STEPS[0]]) * zs[0]
+    x, x0 = float(sch.sigma[STEPS[0]]) * zs[0], None
     for j in range(k + 1):
         t = torch.full((z.shape[0],), STEPS[j])
         if j:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from test_pair_loader import _Rank
 from engine.pairs import BatchSampler
 from engine.real_data import RealDataError, RealReader, autoencoder_hash, expected, make_real_feed, write_pixel_folder
 
@@ -236,13 +237,6 @@ def test_bad_input_is_one_line_before_any_work(sd, tmp_path):
 
 
 # --- the feeds and the shipped digits ---------------------------------------------------------------------------
-class _Rank:
-    def __init__(self, rank, world):
-        self.rank, self.world_size, self.device = rank, world, torch.device("cpu")
-
-    def local(self, x):
-        n = x.shape[0] // self.world_size
-        return x[self.rank * n: (self.rank + 1) * n]
 
 
 def test_numpy_and_dali_feeds_hand_out_the_same_batches(reference, tmp_path):

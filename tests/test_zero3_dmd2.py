@@ -33,7 +33,7 @@ def _dmd2_cfg(tmp_path, teacher_dir, real_dir, zero=True):
 
 
 @pytest.fixture(scope="module")
-def dmd2_reference(needs_deepspeed, tiny_teacher_dir, real_dir, tmp_path_factory):
+def dmd2_reference(needs_deepspeed, tiny_teacher_dir, real_dir, tmp_path_factory):  # noqa: F811 - the fixture
     tmp = tmp_path_factory.mktemp("z3dmd2")
     r = launch(_dmd2_cfg(tmp, tiny_teacher_dir, real_dir), tmp / "run")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
