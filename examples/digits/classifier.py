@@ -56,13 +56,13 @@ def load_classifier(folder) -> DigitsClassifier:
 
 
 class CleanFIDExtractor(nn.Module):
-    """clean-fid hands custom extractors (B, 3, H, W) float batches in [0, 255]; we return features."""
+    """clean-fid hands custom extractors (B, 3, H, W) float batches in [0, 255]; we return the features of a
+    digits network with a `features` method (this classifier, or the second judge in judge.py)."""
 
-    def __init__(self, clf: DigitsClassifier):
+    def __init__(self, net: nn.Module):
         super().__init__()
-        self.clf = clf
+        self.net = net
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch[:, :1].float() / 127.5 - 1.0
-        return self.clf.features(x)
+        return self.net.features(batch[:, :1].float() / 127.5 - 1.0)

@@ -29,7 +29,7 @@ from engine.files import atomic_write_text, resolve_path
 from engine.sampling import from_uint8, to_uint8
 from examples.digits.classifier import CleanFIDExtractor, load_classifier
 from examples.digits.data import load_digits
-from examples.digits.judge import SPACE, JudgeExtractor, load_judge
+from examples.digits.judge import SPACE, load_judge
 
 CLASSIFIER = "assets/digits_classifier"
 JUDGE = "assets/digits_judge"
@@ -87,7 +87,7 @@ class Evaluator:
     def __init__(self, classifier=CLASSIFIER, resolution: int = 8, judge=JUDGE):
         self.clf = load_classifier(resolve_path(classifier))
         # result key -> feature extractor; each has its own reference statistics of the training split
-        self.extractors = {"fd": CleanFIDExtractor(self.clf), "fd2": JudgeExtractor(load_judge(resolve_path(judge)))}
+        self.extractors = {"fd": CleanFIDExtractor(self.clf), "fd2": CleanFIDExtractor(load_judge(resolve_path(judge)))}
         ref = to_uint8(load_digits("train", resolution)[0])
         self.ref_stats = {}
         for key, extractor in self.extractors.items():

@@ -72,15 +72,3 @@ def load_judge(folder) -> DigitsJudge:
     m = DigitsJudge(cfg["resolution"], cfg["width"], cfg["feature_dim"])
     m.load_state_dict(load_file(folder / "model.safetensors"))
     return m.eval().requires_grad_(False)
-
-
-class JudgeExtractor(nn.Module):
-    """clean-fid hands custom extractors (B, 3, H, W) float batches in [0, 255]; we return bottleneck features."""
-
-    def __init__(self, judge: DigitsJudge):
-        super().__init__()
-        self.judge = judge
-
-    @torch.no_grad()
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.judge.features(batch[:, :1].float() / 127.5 - 1.0)
