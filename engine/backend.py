@@ -53,10 +53,11 @@ def gan_on(tc) -> bool:
     return tc.gan_weight_generator > 0 or tc.gan_weight_fake > 0
 
 
-def attach_gan_head(fake, cfg):
+def attach_gan_head(fake, cfg, early_exit: bool):
     """The fake score's discriminator head (models/gan.py), when the GAN is on: built whole on the CPU from
     train.seed alone, so every process and both backends start from the same head whatever the global RNG
-    has drawn (ZeRO-3 partitions it with the rest of the fake score at initialisation)."""
+    has drawn (ZeRO-3 partitions it with the rest of the fake score at initialisation). `early_exit`: D's
+    passes may end the fake score's forward at its mid block (same logits and gradients, the up path skipped)."""
     if not gan_on(cfg.train):
         return None
     from models.gan import attach_head
@@ -65,7 +66,7 @@ def attach_gan_head(fake, cfg):
                        f"(model.kind unet or sd15), not model.kind '{cfg.model.kind}'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 7919)
-        head = attach_head(fake)
+        head = attach_head(fake, early_exit=early_exit)
     return head.float().train().requires_grad_(True)
 
 

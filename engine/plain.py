@@ -45,7 +45,7 @@ class PlainBackend(Backend):
         self.generator.to(self.device, torch.float32).train().requires_grad_(True)
         self.fake.to(self.device, torch.float32).train().requires_grad_(True)
         set_dropout(tc.dropout, self.generator, self.fake)
-        attach_gan_head(self.fake, cfg)  # part of the fake score: its optimiser, its checkpoint
+        attach_gan_head(self.fake, cfg, early_exit=True)  # part of the fake score: its optimiser, its checkpoint
         self.teacher.to(self.teacher_dtype)
         self.opt = {"generator": adamw(self.generator.parameters(), tc.lr_generator, tc),
                     "fake": adamw(self.fake.parameters(), tc.lr_fake, tc)}

@@ -84,7 +84,7 @@ class Nets:
                 self._text_parts(folder, teacher)
             self.teacher = teacher.eval().requires_grad_(False)
             self.generator, self.fake = kind.trainables(cfg, teacher)
-            attach_gan_head(self.fake, cfg)  # DMD2's discriminator head counts with the fake score
+            attach_gan_head(self.fake, cfg, early_exit=False)  # counted with the fake score; whole D passes
             self.regression = self._regression() if cfg.train.reg_weight > 0 else None
         for m, d in [(m, d) for m, d in ((self.teacher, self.tdtype), (self.generator, self.dtype), (self.fake,
                      self.dtype), (self.text, self.tdtype), (self.decoder, self.tdtype)) if m is not None]:

@@ -113,7 +113,10 @@ class ZeroBackend(Backend):
         d = self._partitioned_denoiser(conf, True)
         d.sample_shape = self.teacher.sample_shape  # text kinds: the latent shape load_text set
         if name == "fake":
-            attach_gan_head(d, self.cfg)  # whole here; DeepSpeed partitions it at initialize
+            # whole here; DeepSpeed partitions it at initialize. No early exit: ZeRO-3's hooks gather and release
+            # each submodule's weights around its forward and replay a recorded module order, which a forward
+            # cut short at the mid block would leave gathered and out of order.
+            attach_gan_head(d, self.cfg, early_exit=False)
         model = generator_of(d, self.cfg) if name == "generator" else d
         opt = adamw(model.parameters(), lr, self.cfg.train)
         sched = lambda o: warmup_scheduler(o, self.cfg.deepspeed.lr_warmup_steps)

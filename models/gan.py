@@ -6,7 +6,10 @@ The head lives on the fake score as the submodule `gan_head`, so it is trained b
 partitioned with it under ZeRO-3 and saved in its checkpoints, and never exported with the generator.
 
 The features come from a forward hook on the diffusers UNet's `mid_block` (UNet2DModel and
-UNet2DConditionModel alike): the network's own forward runs unchanged.
+UNet2DConditionModel alike): the network's own forward runs unchanged. With `early_exit` the hook ends that
+forward at the mid block by raising, so D's passes skip the up path (about half of the network, forward and
+backward), as DMD2's classifier forward does; the owner of the network decides whether a cut-short forward is
+safe (engine/backend.py).
 """
 from __future__ import annotations
 
@@ -41,19 +44,27 @@ class GANHead(nn.Module):
         return self.out(self.body(feats).mean(dim=(2, 3))).squeeze(1).float()
 
 
-def attach_head(denoiser: nn.Module, width: int = 0) -> GANHead:
+class _Taken(Exception):
+    """Raised by the hook to end the UNet's forward once the features are in hand."""
+
+
+def attach_head(denoiser: nn.Module, width: int = 0, early_exit: bool = False) -> GANHead:
     """Gives a fake-score Denoiser its `gan_head` (built on the denoiser's device and in float32) and one
     persistent forward hook on its mid block, which keeps the features only while `discriminate` asks: other
     passes (the denoising loss, mu_fake) keep nothing, and no hook is added or removed per call (which would
-    make torch.compile and DeepSpeed's prefetch trace start over)."""
+    make torch.compile and DeepSpeed's prefetch trace start over). `early_exit`: discriminate's passes stop at
+the mid block (eager networks only: a compiled one would take the exception for a failure)."""
     head = GANHead(bottleneck_channels(denoiser.net), width)
     ref = next(denoiser.net.parameters(), None)
     denoiser.gan_head = head.to(ref.device) if ref is not None else head
     head.taken = None  # a list while discriminate runs
+    head.early_exit, head.stop = early_exit, False
 
     def tap(module, args, out):
         if head.taken is not None:
             head.taken.append(out)
+            if head.stop:
+                raise _Taken
     denoiser.net.mid_block.register_forward_hook(tap)
     return denoiser.gan_head
 
@@ -62,13 +73,17 @@ def discriminate(denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond=N
     """D(x_t): logits (B,) of the fake score's head on its bottleneck features at noise level t."""
     head = denoiser.gan_head
     head.taken = []
+    head.stop = head.early_exit and getattr(denoiser, "net_call", None) is None
     try:
-        denoiser(x_t, t, cond)
+        try:
+            denoiser(x_t, t, cond)
+        except _Taken:
+            pass
         if not head.taken:
             raise RuntimeError("the fake score's mid block did not run")
         feats = head.taken[-1]
     finally:
-        head.taken = None
+        head.taken, head.stop = None, False
     return head(feats)
 
 

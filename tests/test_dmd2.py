@@ -194,3 +194,68 @@ def test_the_head_keeps_features_only_while_discriminating(tiny_teacher_dir):
         a, b = discriminate(m.fake, x, t, c), discriminate(m.fake, x, t, c)
     assert torch.equal(a, b) and m.fake.gan_head.taken is None
     assert len(m.fake.net.mid_block._forward_hooks) == 1  # one hook, not one per call
+
+
+def test_early_exit_skips_the_up_path_and_changes_nothing(tiny_teacher_dir):
+    """The one-process backend ends D's passes at the mid block: the up blocks do not run, yet the logits and
+    two whole GAN training steps (both losses, 2 fake updates each) equal those of full forwards."""
+    from models.gan import discriminate
+    runs = []
+    for early in (True, False):
+        tr = _gan_trainer(tiny_teacher_dir, fake_updates_per_generator=2)
+        head = tr.m.fake.gan_head
+        assert head.early_exit  # the one-process backend's choice
+        head.early_exit = early
+        ran = []
+        hook = tr.m.fake.net.up_blocks[-1].register_forward_hook(lambda *a: ran.append(1))
+        x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+        logits = discriminate(tr.m.fake, x, t, torch.tensor([1, 2]))
+        assert bool(ran) != early and not head.stop
+        hook.remove()
+        logs = [tr.train_step() for _ in range(2)]
+        runs.append((logits, logs, _clone(tr.m.fake), _clone(tr.m.generator)))
+    (la, ga, fa, gena), (lb, gb, fb, genb) = runs
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    assert ga == gb
+    for p, q in zip(fa + gena, fb + genb):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_early_exit_on_a_text_unet_gives_the_whole_forwards_logits_and_gradients():
+    """UNet2DConditionModel too: the cut happens after its mid block, and D's gradients reach the same weights."""
+    from diffusers import UNet2DConditionModel
+    from torch import nn
+    from models.gan import attach_head, discriminate
+
+    class Wrap(nn.Module):  # the Denoiser's calling convention, enough for the head
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.net_call = net, None
+
+        def forward(self, x, t, cond):
+            return self.net(x, t, encoder_hidden_states=cond).sample
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                               block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                               attention_head_dim=8, norm_num_groups=8)
+    d = Wrap(net)
+    head = attach_head(d, early_exit=True)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.randn(2, 7, 32)
+    out = []
+    for early in (True, False):
+        head.early_exit = early
+        ran = []
+        hook = net.up_blocks[-1].register_forward_hook(lambda *a: ran.append(1))
+        d.zero_grad(set_to_none=True)
+        logits = discriminate(d, x, t, c)
+        logits.sum().backward()
+        hook.remove()
+        assert bool(ran) != early
+        out.append((logits.detach(), {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}))
+    (la, ga), (lb, gb) = out
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    assert ga.keys() == gb.keys() and not any(k.startswith("net.up_blocks") for k in ga)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-6, atol=1e-8)
