@@ -11,6 +11,8 @@ with two judges: FD in the evaluation classifier's features (judge 1, on which t
 chosen) and FD in an independently built and trained autoencoder's features (judge 2). With one seed a row
 shows the spread over evaluation subsets; with several, the mean and sample standard deviation of the seeds'
 scores (the teacher rows: one sampling seed each). Writes OUT/table.json and OUT/table.md and prints the table.
+A run folder that already holds a finished run of the same config and length is scored again, not retrained, so
+a table stopped halfway continues where it was when started again with the same arguments.
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import DMDConfig, load  # noqa: E402
+from engine.config import DMDConfig, load, to_dict  # noqa: E402
 
 FOUR_STEPS = "train.generator_timesteps=[999,749,499,249]"
 VARIANTS = {  # row -> (config, overrides)
@@ -52,6 +54,18 @@ def evaluate(npz: Path) -> dict:
     js = npz.with_suffix(".metrics.json")
     sh("examples/digits/evaluate.py", npz, "--json", js)
     return json.loads(js.read_text())
+
+
+def finished(run: Path, config: str, overrides: list[str], steps: int | None) -> float | None:
+    """The wall time of a finished run in `run` of exactly this config and length, else None (train it)."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        same = json.loads((run / "config.json").read_text()) == to_dict(load(ROOT / config, DMDConfig, overrides))
+    except (OSError, ValueError):
+        return None
+    want = steps if steps is not None else load(ROOT / config, DMDConfig, overrides).train.max_steps
+    return float(summary["total_s"]) if same and summary.get("steps") == want and (run / "samples.npz").is_file() \
+        else None
 
 
 def steps_of(config: str, overrides: list[str]) -> int:
@@ -105,8 +119,8 @@ def main():
         p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     threads = max(1, len(os.sched_getaffinity(0)) // max(1, args.jobs))
     pairs = out / "pairs"
-    common = ["--set", f"data.pairs_dir={pairs}", "--set", f"train.threads={threads}",
-              *sum((["--set", s] for s in args.set), [])] + (["--max-steps", args.steps] if args.steps else [])
+    every = [f"data.pairs_dir={pairs}", f"train.threads={threads}", *args.set]  # overrides of every run
+    common = sum((["--set", s] for s in every), []) + (["--max-steps", args.steps] if args.steps else [])
     t_all = time.time()
 
     # the floor: held-out real digits against the training digits
@@ -127,6 +141,10 @@ def main():
         name, seed, run = job
         config, overrides = VARIANTS[name]
         sets = sum((["--set", o] for o in overrides), [])
+        done = finished(run, config, every + overrides + [f"train.seed={seed}"], args.steps)
+        if done is not None:
+            print(f"{run.name}: finished run of this config found, scored again, not retrained", flush=True)
+            return done
         return sh("engine/train.py", "--config", ROOT / config, "--out", run, "--overwrite", "--quiet", *common,
                   *sets, "--set", f"train.seed={seed}", threads=threads)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:

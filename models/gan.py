@@ -7,9 +7,9 @@ partitioned with it under ZeRO-3 and saved in its checkpoints, and never exporte
 
 The features come from a forward hook on the diffusers UNet's `mid_block` (UNet2DModel and
 UNet2DConditionModel alike): the network's own forward runs unchanged. With `early_exit` the hook ends that
-forward at the mid block by raising, so D's passes skip the up path (about half of the network, forward and
-backward), as DMD2's classifier forward does; the owner of the network decides whether a cut-short forward is
-safe (engine/backend.py).
+forward at the mid block by raising, so D's passes skip the up path, forward and backward, as DMD2's
+classifier forward does; the owner of the network decides whether a cut-short forward is safe
+(engine/backend.py).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def attach_head(denoiser: nn.Module, width: int = 0, early_exit: bool = False) -
     persistent forward hook on its mid block, which keeps the features only while `discriminate` asks: other
     passes (the denoising loss, mu_fake) keep nothing, and no hook is added or removed per call (which would
     make torch.compile and DeepSpeed's prefetch trace start over). `early_exit`: discriminate's passes stop at
-the mid block (eager networks only: a compiled one would take the exception for a failure)."""
+    the mid block (eager networks only: a compiled one would take the exception for a failure)."""
     head = GANHead(bottleneck_channels(denoiser.net), width)
     ref = next(denoiser.net.parameters(), None)
     denoiser.gan_head = head.to(ref.device) if ref is not None else head

@@ -10,12 +10,16 @@ import pytest
 from conftest import ROOT
 
 
+def _table(out, *variants, seeds=("0", "1", "1")):
+    return subprocess.run([sys.executable, "bench/digits_table.py", "--out", str(out), "--variants", *variants,
+                           "--seeds", *seeds, "--steps", "2", "--jobs", "2", "--set", "eval.num_samples=40",
+                           "--set", "train.fake_updates_per_generator=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
 def test_table_aggregates_seeds_of_each_row(tmp_path):
     out = tmp_path / "table"
-    r = subprocess.run([sys.executable, "bench/digits_table.py", "--out", str(out), "--variants", "DMD2",
-                        "DMD2, 4 steps", "--seeds", "0", "1", "1", "--steps", "2", "--jobs", "2", "--set",
-                        "eval.num_samples=40", "--set", "train.fake_updates_per_generator=1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = _table(out, "DMD2", "DMD2, 4 steps")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     rows = {row["row"]: row for row in json.loads((out / "table.json").read_text())}
     assert list(rows) == ["real held-out digits (floor)", "teacher, heun 18 steps", "teacher, 1 step", "DMD2",
@@ -30,3 +34,23 @@ def test_table_aggregates_seeds_of_each_row(tmp_path):
             assert v[0] != v[1]  # two seeds, two sample sets
     assert (out / "DMD2_4_steps_seed1" / "generator" / "dmd_model.json").is_file()
     assert "judge 2" in (out / "table.md").read_text() and "FD / teacher's 35-NFE FD" in r.stdout
+
+    # started again with the same arguments, finished runs are scored again, not retrained
+    made = {p: p.stat().st_mtime_ns for p in out.glob("DMD2_seed*/samples.npz")}
+    again = _table(out, "DMD2", seeds=("0", "1"))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert again.stdout.count("scored again, not retrained") == 2 and len(made) == 2
+    assert all(p.stat().st_mtime_ns == t for p, t in made.items())
+    row = {r["row"]: r for r in json.loads((out / "table.json").read_text())}["DMD2"]
+    assert row["fd"] == rows["DMD2"]["fd"] and row["fd2"] == rows["DMD2"]["fd2"]
+    # another length or another config is another run
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("digits_table", ROOT / "bench" / "digits_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    run, cfg = out / "DMD2_seed0", json.loads((out / "DMD2_seed0" / "config.json").read_text())
+    sets = [f"data.pairs_dir={cfg['data']['pairs_dir']}", f"train.threads={cfg['train']['threads']}",
+            "eval.num_samples=40", "train.fake_updates_per_generator=1"]
+    assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 2) is not None
+    assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 3) is None
+    assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=1"], 2) is None
