@@ -12,7 +12,8 @@ chosen) and FD in an independently built and trained autoencoder's features (jud
 shows the spread over evaluation subsets; with several, the mean and sample standard deviation of the seeds'
 scores (the teacher rows: one sampling seed each). Writes OUT/table.json and OUT/table.md and prints the table.
 A run folder that already holds a finished run of the same config and length is scored again, not retrained, so
-a table stopped halfway continues where it was when started again with the same arguments.
+a table stopped halfway continues where it was when started again with the same arguments (such a row's wall
+time is the one in its run's summary.json).
 """
 import argparse
 import json
@@ -57,15 +58,19 @@ def evaluate(npz: Path) -> dict:
 
 
 def finished(run: Path, config: str, overrides: list[str], steps: int | None) -> float | None:
-    """The wall time of a finished run in `run` of exactly this config and length, else None (train it)."""
+    """The wall time of a finished run in `run` of exactly this config and length, else None (train it). Only the
+    config is compared, not the code: after a change to the engine, give the table a new --out."""
+    cfg = load(ROOT / config, DMDConfig, overrides)
     try:
-        summary = json.loads((run / "summary.json").read_text())
-        same = json.loads((run / "config.json").read_text()) == to_dict(load(ROOT / config, DMDConfig, overrides))
-    except (OSError, ValueError):
+        summary, written = json.loads((run / "summary.json").read_text()), run / "config.json"
+        same = json.loads(written.read_text()) == to_dict(cfg)
+        # a later, unfinished --resume rewrites config.json after the summary it has not replaced yet
+        whole = (run / "samples.npz").is_file() and (run / "summary.json").stat().st_mtime >= written.stat().st_mtime
+        wall = float(summary["total_s"])
+        done = summary["steps"] == (steps if steps is not None else cfg.train.max_steps)
+    except (OSError, ValueError, TypeError, KeyError):
         return None
-    want = steps if steps is not None else load(ROOT / config, DMDConfig, overrides).train.max_steps
-    return float(summary["total_s"]) if same and summary.get("steps") == want and (run / "samples.npz").is_file() \
-        else None
+    return wall if same and whole and done else None
 
 
 def steps_of(config: str, overrides: list[str]) -> int:
@@ -120,7 +125,7 @@ def main():
     threads = max(1, len(os.sched_getaffinity(0)) // max(1, args.jobs))
     pairs = out / "pairs"
     every = [f"data.pairs_dir={pairs}", f"train.threads={threads}", *args.set]  # overrides of every run
-    common = sum((["--set", s] for s in every), []) + (["--max-steps", args.steps] if args.steps else [])
+    common = sum((["--set", s] for s in every), []) + (["--max-steps", args.steps] if args.steps is not None else [])
     t_all = time.time()
 
     # the floor: held-out real digits against the training digits

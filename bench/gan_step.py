@@ -63,7 +63,13 @@ def main():
     cfg = load(a.config, DMDConfig, a.set)
     tc = cfg.train
     if not (tc.gan_weight_generator > 0 and tc.gan_weight_fake > 0):
-        raise SystemExit(f"{a.config}: the GAN is off (train.gan_weight_generator / gan_weight_fake): nothing to time")
+        raise SystemExit(f"{a.config}: train.gan_weight_generator and gan_weight_fake must both be > 0 to time "
+                         f"every discriminator pass")
+    if tc.compile and tc.compile_scope == "all":
+        raise SystemExit("train.compile_scope all: a compiled fake score runs whole forwards, there is no cut to time")
+    if tc.dropout != "none":
+        raise SystemExit(f"train.dropout {tc.dropout}: a whole pass draws the up path's dropout masks too, so the two "
+                         f"runs would not be the same run; time with train.dropout none")
     if a.iters < 1:
         raise SystemExit(f"--iters must be >= 1, got {a.iters}")
     cli.set_threads(tc.threads)
@@ -71,11 +77,11 @@ def main():
     times = {k: [] for k in runs}
     for i in range(a.iters + 1):
         logs = {}
-        for name, tr in runs.items():
+        for name, tr in (runs.items() if i % 2 else reversed(runs.items())):  # alternate which goes first
             dt, logs[name] = timed_step(tr)
             if i:  # the first iteration warms allocators and caches
                 times[name].append(dt)
-        first, second = logs.values()
+        first, second = logs["cut at the mid block"], logs["whole UNet"]
         if first != second:
             raise SystemExit(f"iteration {i}: the two settings' logs differ: {first} vs {second}")
     med = {k: statistics.median(v) for k, v in times.items()}

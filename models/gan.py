@@ -7,9 +7,9 @@ partitioned with it under ZeRO-3 and saved in its checkpoints, and never exporte
 
 The features come from a forward hook on the diffusers UNet's `mid_block` (UNet2DModel and
 UNet2DConditionModel alike): the network's own forward runs unchanged. With `early_exit` the hook ends that
-forward at the mid block by raising, so D's passes skip the up path, forward and backward, as DMD2's
-classifier forward does; the owner of the network decides whether a cut-short forward is safe
-(engine/backend.py).
+forward at the mid block by raising, so D's passes skip the up path's forward (its backward never runs: D
+does not read it), as DMD2's classifier forward does; the owner of the network decides whether a cut-short
+forward is safe (engine/backend.py).
 """
 from __future__ import annotations
 

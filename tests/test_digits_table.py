@@ -1,6 +1,7 @@
 """bench/digits_table.py on a short budget: several training seeds of two DMD2 rows, two runs at a time, both
 judges, and each row's mean and spread computed from its seeds' own scores."""
 import json
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,9 @@ def test_table_aggregates_seeds_of_each_row(tmp_path):
     assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 2) is not None
     assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 3) is None
     assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=1"], 2) is None
+    assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0", "eval.num_samples=41"], 2) is None
+    (run / "samples.npz").rename(run / "kept.npz")  # a partial folder
+    assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 2) is None
+    (run / "kept.npz").rename(run / "samples.npz")
+    os.utime(run / "summary.json", ns=(0, 0))  # a summary older than its config.json: a later run did not finish
+    assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 2) is None
