@@ -125,7 +125,8 @@ def main():
     threads = max(1, len(os.sched_getaffinity(0)) // max(1, args.jobs))
     pairs = out / "pairs"
     every = [f"data.pairs_dir={pairs}", f"train.threads={threads}", *args.set]  # overrides of every run
-    common = sum((["--set", s] for s in every), []) + (["--max-steps", args.steps] if args.steps is not None else [])
+    every_sets = sum((["--set", s] for s in every), [])
+    common = every_sets + (["--max-steps", args.steps] if args.steps is not None else [])
     t_all = time.time()
 
     # the floor: held-out real digits against the training digits
@@ -136,9 +137,7 @@ def main():
     # the shared pairs first (the DMD rows regress on them), then every run, `--jobs` at a time
     base = load(ROOT / "configs/digits.json", DMDConfig, args.set)
     if any(load(ROOT / VARIANTS[n][0], DMDConfig, VARIANTS[n][1] + args.set).train.reg_weight > 0 for n in names):
-        sh("engine/make_pairs.py", "--config", ROOT / "configs/digits.json", "--out", out / "pairs_job",
-           "--set", f"data.pairs_dir={pairs}", "--set", f"train.threads={threads}",
-           *sum((["--set", s] for s in args.set), []))
+        sh("engine/make_pairs.py", "--config", ROOT / "configs/digits.json", "--out", out / "pairs_job", *every_sets)
     runs = [(n, s, out / f"{n.replace(' ', '_').replace('/', '').replace(',', '')}_seed{s}") for n in names
             for s in seeds]
 

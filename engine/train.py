@@ -38,7 +38,8 @@ from engine.text2image import DecodedRegression
 from engine.trainer import DMDTrainer
 
 # x86 CPUs run subnormal floats some 100x slower, and DMD2's passes through the fake score make them (a digits
-# fake-score update with the GAN: 0.15 s flushed, 1-13 s and growing without). Flushed, values below ~1e-38 become 0 (README: DMD2).
+# fake-score update with the GAN: 0.15 s flushed, 1-13 s and growing without). Flushed, values below ~1e-38
+# become 0 (README: DMD2).
 # Set before torch starts its worker threads, which keep the setting they start with.
 torch.set_flush_denormal(True)
 

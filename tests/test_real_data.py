@@ -237,8 +237,6 @@ def test_bad_input_is_one_line_before_any_work(sd, tmp_path):
 
 
 # --- the feeds and the shipped digits ---------------------------------------------------------------------------
-
-
 def test_numpy_and_dali_feeds_hand_out_the_same_batches(reference, tmp_path):
     pytest.importorskip("nvidia.dali")
     x, y = torch.rand(22, 1, 4, 4) * 2 - 1, torch.arange(22) % 10
