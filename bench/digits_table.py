@@ -6,11 +6,14 @@
     python bench/digits_table.py --out runs/abl --variants "DMD w/o regression" "DMD w/o distribution matching"
 
 Each row is `engine/train.py` with a shipped config and its overrides, once per training seed (train.seed);
-the DMD rows share one pairs folder, made first. Every sample set is scored by examples/digits/evaluate.py
-with two judges: FD in the evaluation classifier's features (judge 1, on which the digits settings were
-chosen) and FD in an independently built and trained autoencoder's features (judge 2). With one seed a row
-shows the spread over evaluation subsets; with several, the mean and sample standard deviation of the seeds'
-scores (the teacher rows: one sampling seed each). Writes OUT/table.json and OUT/table.md and prints the table.
+the DMD rows share one pairs folder, made first. Every model (the teacher and each trained generator) then
+draws the same sample sets (--sample-seeds: the same noise and labels for all, so rows differ by their models,
+not by their draws), and each set is scored by examples/digits/evaluate.py with two judges: FD in the
+evaluation classifier's features (judge 1, on which the digits settings were chosen) and FD in an
+independently built and trained autoencoder's features (judge 2). A run's score is its mean over the sample
+sets; a row shows the mean and sample standard deviation of its training seeds' scores (the teacher rows, and
+rows of one seed: over the sample sets; one set: over evaluation subsets). Writes OUT/table.json and
+OUT/table.md and prints the table.
 A run folder that already holds a finished run of the same config and length is scored again, not retrained, so
 a table stopped halfway continues where it was when started again with the same arguments (such a row's wall
 time is the one in its run's summary.json).
@@ -59,11 +62,12 @@ def evaluate(npz: Path) -> dict:
 
 def finished(run: Path, config: str, overrides: list[str], steps: int | None) -> float | None:
     """The wall time of a finished run in `run` of exactly this config and length, else None (train it). Only the
-    config is compared, not the code: after a change to the engine, give the table a new --out."""
+    config is compared, not the code: after a change to the engine, give the table a new --out. A key the run's
+    config.json lacks counts at its default (a key added to the engine later, whose default is the old code)."""
     cfg = load(ROOT / config, DMDConfig, overrides)
     try:
         summary, written = json.loads((run / "summary.json").read_text()), run / "config.json"
-        same = json.loads(written.read_text()) == to_dict(cfg)
+        same = to_dict(load(written, DMDConfig)) == to_dict(cfg)
         # a later, unfinished --resume rewrites config.json after the summary it has not replaced yet
         whole = (run / "samples.npz").is_file() and (run / "summary.json").stat().st_mtime >= written.stat().st_mtime
         wall = float(summary["total_s"])
@@ -77,6 +81,15 @@ def steps_of(config: str, overrides: list[str]) -> int:
     return len(load(ROOT / config, DMDConfig, overrides).train.generator_timesteps) or 1
 
 
+def mean_of(sets: list[dict]) -> dict:
+    """One model's score from its sample sets: the mean, and the spread over the sets (one set: over subsets)."""
+    if len(sets) == 1:
+        return sets[0]
+    out = {k: float(np.mean([s[k] for s in sets])) for k in SCORES}
+    out.update({k + "_std": float(np.std([s[k] for s in sets], ddof=1)) for k in SCORES if k != "accuracy"})
+    return out
+
+
 def aggregate(name: str, nfe, scored: list[dict], **extra) -> dict:
     """One table row from the scores of each seed (or of one seed: then the spread is over subsets)."""
     row = {"row": name, "nfe": nfe, "seeds": len(scored), "per_seed": scored, **extra}
@@ -88,9 +101,11 @@ def aggregate(name: str, nfe, scored: list[dict], **extra) -> dict:
     return row
 
 
-def render(rows: list[dict], seeds: int) -> str:
-    spread = f"mean ± std over {seeds} seeds (the floor: one set)" if seeds > 1 else \
-        "mean ± std over evaluation subsets"
+def render(rows: list[dict], seeds: int, sets: int) -> str:
+    over = f"the {sets} sample sets" if sets > 1 else "evaluation subsets"
+    spread = (f"mean ± std over {seeds} training seeds, each seed's score its mean over {sets} sample sets that "
+              f"every model draws alike (the teacher: over those sets; the floor: one set)") if seeds > 1 else \
+        f"mean ± std over {over}, drawn alike by every model"
     lines = ["| | NFE | FD, classifier features (judge 1) | FD, autoencoder features (judge 2) "
              "| class accuracy | wall time per run |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -110,6 +125,8 @@ def main():
     p.add_argument("--variants", nargs="*", default=None, help="rows to train (default: " + ", ".join(DEFAULT) +
                    "); any of: " + ", ".join(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="*", default=[0], help="training seeds per row (default: 0)")
+    p.add_argument("--sample-seeds", type=int, nargs="*", default=[0, 1, 2],
+                   help="sampling seeds: every model draws these sample sets (default: 0 1 2)")
     p.add_argument("--jobs", type=int, default=1, help="training runs at once, each with cores / jobs threads")
     p.add_argument("--set", action="append", default=[], help="extra override for every run")
     args = p.parse_args()
@@ -117,8 +134,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     names = DEMO if args.demo else (args.variants or DEFAULT)
     seeds = list(dict.fromkeys(args.seeds))  # two runs of one seed would share a run folder
-    if not seeds:
-        p.error("--seeds needs at least one seed")
+    sample_seeds = list(dict.fromkeys(args.sample_seeds))
+    if not seeds or not sample_seeds:
+        p.error("--seeds and --sample-seeds need at least one seed each")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
@@ -141,41 +159,51 @@ def main():
     runs = [(n, s, out / f"{n.replace(' ', '_').replace('/', '').replace(',', '')}_seed{s}") for n in names
             for s in seeds]
 
+    n, bs = base.eval.num_samples, base.eval.batch_size
+
     def train(job):
+        """Trains a run (or finds it finished), then draws and scores its generator's sample sets."""
         name, seed, run = job
         config, overrides = VARIANTS[name]
         sets = sum((["--set", o] for o in overrides), [])
-        done = finished(run, config, every + overrides + [f"train.seed={seed}"], args.steps)
-        if done is not None:
+        wall = finished(run, config, every + overrides + [f"train.seed={seed}"], args.steps)
+        if wall is not None:
             print(f"{run.name}: finished run of this config found, scored again, not retrained", flush=True)
-            return done
-        return sh("engine/train.py", "--config", ROOT / config, "--out", run, "--overwrite", "--quiet", *common,
-                  *sets, "--set", f"train.seed={seed}", threads=threads)
+        else:
+            wall = sh("engine/train.py", "--config", ROOT / config, "--out", run, "--overwrite", "--quiet", *common,
+                      *sets, "--set", f"train.seed={seed}", threads=threads)
+        scored = []
+        for s in sample_seeds:
+            npz = run / f"samples_seed{s}.npz"
+            sh("engine/infer.py", "--checkpoint", run, "--num", n, "--batch-size", bs, "--seed", s, "--out", npz,
+               threads=threads)
+            scored.append(evaluate(npz))
+        return wall, mean_of(scored)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        walls = list(pool.map(train, runs))
+        done = list(pool.map(train, runs))
 
-    # the teacher, multi-step and one step (the generator's starting point): one sampling seed per training seed
-    ts, st, n = base.eval.teacher_sampler, base.eval.teacher_steps, base.eval.num_samples
+    # the teacher, multi-step and one step (the generator's starting point), on the same sample sets
+    ts, st = base.eval.teacher_sampler, base.eval.teacher_steps
     for label, sampler, steps, nfe in ((f"teacher, {ts} {st} steps", ts, st, st if ts == "ddim" else 2 * st - 1),
                                        ("teacher, 1 step", "ddim", 1, 1)):
         scored, walls_t = [], []
-        for s in seeds:
+        for s in sample_seeds:
             npz = out / f"teacher_{sampler}{steps}_seed{s}.npz"
-            walls_t.append(sh("engine/infer.py", "--checkpoint", runs[0][2], "--teacher", "--sampler", sampler, "--steps",
-                      steps, "--num", n, "--batch-size", base.eval.batch_size, "--seed", s, "--out", npz,
+            walls_t.append(sh("engine/infer.py", "--checkpoint", runs[0][2], "--teacher", "--sampler", sampler,
+                              "--steps", steps, "--num", n, "--batch-size", bs, "--seed", s, "--out", npz,
                               "--grid", npz.with_suffix(".png")))
             scored.append(evaluate(npz))
         rows.append(aggregate(label, nfe, scored, wall_s=round(float(np.mean(walls_t)), 1)))
 
     for name in names:
-        mine = [(r, w) for (n_, _, r), w in zip(runs, walls) if n_ == name]
-        summaries = [json.loads((r / "summary.json").read_text()) for r, _ in mine]
+        mine = [(r, w, sc) for (n_, _, r), (w, sc) in zip(runs, done) if n_ == name]
+        summaries = [json.loads((r / "summary.json").read_text()) for r, _, _ in mine]
         config, overrides = VARIANTS[name]
-        rows.append(aggregate(name, steps_of(config, overrides + args.set), [evaluate(r / "samples.npz") for r, _ in mine],
-                              wall_s=round(float(np.mean([w for _, w in mine])), 1), steps=summaries[0]["steps"],
+        rows.append(aggregate(name, steps_of(config, overrides + args.set), [sc for _, _, sc in mine],
+                              wall_s=round(float(np.mean([w for _, w, _ in mine])), 1), steps=summaries[0]["steps"],
                               train_s=round(float(np.mean([s["train_s"] for s in summaries])), 1)))
 
-    table = render(rows, len(seeds))
+    table = render(rows, len(seeds), len(sample_seeds))
     (out / "table.md").write_text(table + "\n")
     (out / "table.json").write_text(json.dumps(rows, indent=2))
     print("\n" + table)

@@ -86,6 +86,9 @@ class TrainSection:
     gan_weight_generator: float = 0.0  # DMD2's GAN (0 = off): the generator's non-saturating loss softplus(-D(G))
     gan_weight_fake: float = 0.0      # the discriminator's loss softplus(D(G)) + softplus(-D(real)), added to the
                                       # fake score's update (D = a head on the fake score's mid-block features)
+    gan_min_t_frac: float = 0.0       # the GAN's noise levels t ~ U[gan_min_t_frac T, gan_max_t_frac T) for D's
+    gan_max_t_frac: float = 1.0       # real and generated batches and G's loss ([0, 1] = DMD2's [0, T)); a higher
+                                      # floor hides what D should not judge (e.g. the digits' 17 grey levels)
     real_guidance: float = 1.0        # CFG scale of the real score (text models: 3 for FID, 8 for quality)
     seed: int = 0
     log_every: int = 25
@@ -181,7 +184,9 @@ RULES = {
                      "compile_scope": _choice("generator", "all"), "fake_t_range": _choice("dm", "all"),
                      "dropout": _choice("none", "teacher"), "generator_timesteps": STEPS,
                      "gan_weight_generator": FINITE_NONNEG, "gan_weight_fake": FINITE_NONNEG,
-                     "section": ((lambda s: s.min_t_frac < s.max_t_frac), "min_t_frac < max_t_frac")},
+                     "gan_min_t_frac": FRACTION, "gan_max_t_frac": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+                     "section": ((lambda s: s.min_t_frac < s.max_t_frac and s.gan_min_t_frac < s.gan_max_t_frac),
+                                 "min_t_frac < max_t_frac and gan_min_t_frac < gan_max_t_frac")},
     "DeepSpeedSection": {"zero_stage": _choice(3), "backend": _choice("auto", "nccl", "gloo"),
                          "precision": _choice("auto", "fp32", "bf16"), "teacher_dtype": _choice("auto", "fp32", "bf16"),
                          "persistence_threshold": NONNEG, "lr_warmup_steps": NONNEG, "keep_checkpoints": POS},

@@ -69,10 +69,10 @@ class DMDTrainer:
         eps = self.m.local(torch.randn((n, *self.m.sample_shape), generator=self.rng)).to(self.m.device)
         return t, eps
 
-    def _t_eps_all(self, n_local: int):
-        """t ~ U[0, T) and unit noise: the GAN's noise levels (Diffusion-GAN, as DMD2 draws them)."""
-        n = n_local * self.m.world_size
-        t = self.m.local(self.m.teacher.schedule.sample_t(n, 0.0, 1.0, self.rng)).to(self.m.device)
+    def _t_eps_gan(self, n_local: int):
+        """The GAN's noise levels t ~ U[gan_min_t_frac T, gan_max_t_frac T) (Diffusion-GAN; DMD2: [0, T)) and noise."""
+        n, lo, hi = n_local * self.m.world_size, self.tc.gan_min_t_frac, self.tc.gan_max_t_frac
+        t = self.m.local(self.m.teacher.schedule.sample_t(n, lo, hi, self.rng)).to(self.m.device)
         eps = self.m.local(torch.randn((n, *self.m.sample_shape), generator=self.rng)).to(self.m.device)
         return t, eps
 
@@ -134,7 +134,7 @@ class DMDTrainer:
         if tc.dm_weight > 0:
             t, eps = self._t_eps(n)
         if gan:
-            t_g, eps_g = self._t_eps_all(n)
+            t_g, eps_g = self._t_eps_gan(n)
         for sl, share in self._micro(n):
             c = _take(cond, sl)
             if self.gen is not m.generator:
@@ -194,15 +194,15 @@ class DMDTrainer:
             if x_real.shape != x.shape:
                 raise DMDError(f"real data batch {list(x_real.shape)} does not match the generated batch "
                                f"{list(x.shape)}: data.real_data must hold samples of the teacher's shape")
-            t_f, eps_f = self._t_eps_all(n)
-            t_r, eps_r = self._t_eps_all(n)
+            t_f, eps_f = self._t_eps_gan(n)
+            t_r, eps_r = self._t_eps_gan(n)
         total, l_d, d_real, d_fake = (x.new_zeros((), dtype=torch.float32) for _ in range(4))
         for sl, share in self._micro(n):
             c = _take(cond, sl)
             part = denoising_loss(m.fake, x[sl], t[sl], eps[sl].to(x), c, tc.fake_loss_weighting)
             part = part.mean() * share
             loss = part
-            if gan:  # Diffusion-GAN: both batches noised at t ~ U[0, T) before the fake score sees them
+            if gan:  # Diffusion-GAN: both batches noised (t as _t_eps_gan) before the fake score sees them
                 sch = m.teacher.schedule
                 lf = discriminate(m.fake, sch.add_noise(x[sl].detach(), eps_f[sl].to(x), t_f[sl]), t_f[sl], c)
                 xr = x_real[sl].to(x)

@@ -13,7 +13,8 @@ from conftest import ROOT
 
 def _table(out, *variants, seeds=("0", "1", "1")):
     return subprocess.run([sys.executable, "bench/digits_table.py", "--out", str(out), "--variants", *variants,
-                           "--seeds", *seeds, "--steps", "2", "--jobs", "2", "--set", "eval.num_samples=40",
+                           "--seeds", *seeds, "--sample-seeds", "4", "5", "--steps", "2", "--jobs", "2",
+                           "--set", "eval.num_samples=40",
                            "--set", "train.fake_updates_per_generator=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
@@ -32,7 +33,16 @@ def test_table_aggregates_seeds_of_each_row(tmp_path):
         for k in ("fd", "fd2"):
             v = [s[k] for s in row["per_seed"]]
             assert row[k] == pytest.approx(np.mean(v)) and row[k + "_std"] == pytest.approx(np.std(v, ddof=1))
-            assert v[0] != v[1]  # two seeds, two sample sets
+            assert v[0] != v[1]  # two seeds (or two sample sets)
+    # every model draws the same sample sets, and a run's score is its mean over them
+    for name in ("DMD2_seed0", "DMD2_seed1"):
+        sets = [json.loads((out / name / f"samples_seed{s}.metrics.json").read_text()) for s in (4, 5)]
+        run = rows["DMD2"]["per_seed"][int(name[-1])]
+        for k in ("fd", "fd2", "accuracy"):
+            assert run[k] == pytest.approx(np.mean([m[k] for m in sets]))
+    a, b = (np.load(out / "DMD2_seed0" / f"samples_seed{s}.npz")["labels"] for s in (4, 5))
+    t = np.load(out / "teacher_heun18_seed4.npz")["labels"]
+    assert np.array_equal(a, t) and len(a) == 40 and (out / "teacher_heun18_seed5.npz").is_file()
     assert (out / "DMD2_4_steps_seed1" / "generator" / "dmd_model.json").is_file()
     assert "judge 2" in (out / "table.md").read_text() and "FD / teacher's 35-NFE FD" in r.stdout
 
@@ -56,6 +66,15 @@ def test_table_aggregates_seeds_of_each_row(tmp_path):
     assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 3) is None
     assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=1"], 2) is None
     assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0", "eval.num_samples=41"], 2) is None
+    # a key the run's config.json lacks (added to the engine after the run) counts at its default
+    written, stamp = run / "config.json", (run / "config.json").stat().st_mtime_ns
+    older = json.loads(written.read_text())
+    del older["train"]["gan_max_t_frac"]
+    written.write_text(json.dumps(older))
+    os.utime(written, ns=(stamp, stamp))
+    assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 2) is not None
+    assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0", "train.gan_max_t_frac=0.5"],
+                          2) is None
     (run / "samples.npz").rename(run / "kept.npz")  # a partial folder
     assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 2) is None
     (run / "kept.npz").rename(run / "samples.npz")

@@ -112,6 +112,36 @@ def test_gan_train_step_is_reproducible_and_uses_real_data(tiny_teacher_dir):
     assert not all(torch.equal(p, q) for p, q in zip(fa, fc))  # other real data, another fake score
 
 
+def test_gan_noise_levels_follow_the_gan_t_range(tiny_teacher_dir, monkeypatch):
+    """D's real and generated batches and G's GAN loss are noised at t in [gan_min_t_frac T, gan_max_t_frac T];
+    the default spans [0, T) as DMD2 draws them."""
+    import engine.trainer as trainer
+    seen = []
+    real = trainer.discriminate
+
+    def spy(den, x_t, t, c):
+        seen.append(t.clone())
+        return real(den, x_t, t, c)
+    monkeypatch.setattr(trainer, "discriminate", spy)
+
+    def levels(**train):
+        seen.clear()
+        tr = _gan_trainer(tiny_teacher_dir, **train)
+        for _ in range(8):
+            tr.fake_step()
+            tr.generator_step()
+        return torch.cat(seen), tr.m.teacher.schedule.T
+    t, T = levels(gan_min_t_frac=0.3, gan_max_t_frac=0.5)
+    assert len(t) == 8 * 3 * 4 and int(0.3 * T) <= int(t.min()) and int(t.max()) <= int(0.5 * T)
+    t, T = levels()
+    assert int(t.min()) < T // 4 and int(t.max()) > 3 * T // 4
+    from engine.config import ConfigError, DMDConfig, parse
+    with pytest.raises(ConfigError, match="gan_max_t_frac"):
+        parse(DMDConfig, {"train": {"gan_max_t_frac": 0}})
+    with pytest.raises(ConfigError, match="gan_min_t_frac < gan_max_t_frac"):
+        parse(DMDConfig, {"train": {"gan_min_t_frac": 0.5, "gan_max_t_frac": 0.5}})
+
+
 # --- multi-step generator: backward simulation ---------------------------------------------------------------
 def _unrolled(gen, z, c, k):
     """The generator's first k + 1 steps written out by hand with the denoiser: what sampling does."""
