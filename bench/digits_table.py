@@ -7,8 +7,9 @@
 
 Each row is `engine/train.py` with a shipped config and its overrides, once per training seed (train.seed);
 the DMD rows share one pairs folder, made first. Every model (the teacher and each trained generator) then
-draws the same sample sets (--sample-seeds: the same noise and labels for all, so rows differ by their models,
-not by their draws), and each set is scored by examples/digits/evaluate.py with two judges: FD in the
+draws the same sample sets (--sample-seeds: the same seeds and labels for all, so rows differ by their models
+more than by their draws; a several-step generator draws one noise per step, so its noise is not the
+teacher's), and each set is scored by examples/digits/evaluate.py with two judges: FD in the
 evaluation classifier's features (judge 1, on which the digits settings were chosen) and FD in an
 independently built and trained autoencoder's features (judge 2). A run's score is its mean over the sample
 sets; a row shows the mean and sample standard deviation of its training seeds' scores (the teacher rows, and
@@ -83,15 +84,14 @@ def steps_of(config: str, overrides: list[str]) -> int:
 
 def mean_of(sets: list[dict]) -> dict:
     """One model's score from its sample sets: the mean, and the spread over the sets (one set: over subsets)."""
-    if len(sets) == 1:
-        return sets[0]
     out = {k: float(np.mean([s[k] for s in sets])) for k in SCORES}
-    out.update({k + "_std": float(np.std([s[k] for s in sets], ddof=1)) for k in SCORES if k != "accuracy"})
+    out.update({k + "_std": float(np.std([s[k] for s in sets], ddof=1)) if len(sets) > 1 else sets[0][k + "_std"]
+                for k in SCORES if k != "accuracy"})
     return out
 
 
 def aggregate(name: str, nfe, scored: list[dict], **extra) -> dict:
-    """One table row from the scores of each seed (or of one seed: then the spread is over subsets)."""
+    """One table row from the scores of each seed (one seed: its own spread, over sample sets or subsets)."""
     row = {"row": name, "nfe": nfe, "seeds": len(scored), "per_seed": scored, **extra}
     for k in SCORES:
         v = np.array([s[k] for s in scored], dtype=float)
@@ -102,10 +102,10 @@ def aggregate(name: str, nfe, scored: list[dict], **extra) -> dict:
 
 
 def render(rows: list[dict], seeds: int, sets: int) -> str:
-    over = f"the {sets} sample sets" if sets > 1 else "evaluation subsets"
-    spread = (f"mean ± std over {seeds} training seeds, each seed's score its mean over {sets} sample sets that "
-              f"every model draws alike (the teacher: over those sets; the floor: one set)") if seeds > 1 else \
-        f"mean ± std over {over}, drawn alike by every model"
+    over = f"the {sets} sample sets" if sets > 1 else "evaluation subsets of the one sample set"
+    runs = f"{seeds} training seeds, each scored by its mean over the sample sets" if seeds > 1 else over
+    note = (f"FD: mean ± std over {runs}; the teacher rows: over {over}; the floor: one set. Every model draws "
+            f"the same {sets} sample set{'s' if sets > 1 else ''} (--sample-seeds).")
     lines = ["| | NFE | FD, classifier features (judge 1) | FD, autoencoder features (judge 2) "
              "| class accuracy | wall time per run |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -114,7 +114,7 @@ def render(rows: list[dict], seeds: int, sets: int) -> str:
             wall += f" (train {r['train_s']:.0f} s, {r['steps']} updates)"
         lines.append(f"| {r['row']} | {r['nfe']} | {r['fd']:.2f} ± {r['fd_std']:.2f} | {r['fd2']:.2f} ± "
                      f"{r['fd2_std']:.2f} | {100 * r['accuracy']:.1f} % | {wall} |")
-    return "\n".join(lines + ["", f"FD: {spread}."])
+    return "\n".join(lines + ["", note])
 
 
 def main():

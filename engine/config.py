@@ -86,9 +86,9 @@ class TrainSection:
     gan_weight_generator: float = 0.0  # DMD2's GAN (0 = off): the generator's non-saturating loss softplus(-D(G))
     gan_weight_fake: float = 0.0      # the discriminator's loss softplus(D(G)) + softplus(-D(real)), added to the
                                       # fake score's update (D = a head on the fake score's mid-block features)
-    gan_min_t_frac: float = 0.0       # the GAN's noise levels t ~ U[gan_min_t_frac T, gan_max_t_frac T) for D's
-    gan_max_t_frac: float = 1.0       # real and generated batches and G's loss ([0, 1] = DMD2's [0, T)); a higher
-                                      # floor hides what D should not judge (e.g. the digits' 17 grey levels)
+    gan_min_t_frac: float = 0.0       # the GAN's noise levels t ~ U[gan_min_t_frac T, gan_max_t_frac T] for D's
+    gan_max_t_frac: float = 1.0       # real and generated batches and G's loss (t <= T-1; [0, 1] = DMD2's [0, T));
+                                      # a floor hides what D should not judge (e.g. the digits' 17 grey levels)
     real_guidance: float = 1.0        # CFG scale of the real score (text models: 3 for FID, 8 for quality)
     seed: int = 0
     log_every: int = 25

@@ -70,7 +70,7 @@ class DMDTrainer:
         return t, eps
 
     def _t_eps_gan(self, n_local: int):
-        """The GAN's noise levels t ~ U[gan_min_t_frac T, gan_max_t_frac T) (Diffusion-GAN; DMD2: [0, T)) and noise."""
+        """The GAN's noise levels t ~ U[gan_min_t_frac T, gan_max_t_frac T] (Diffusion-GAN; DMD2: [0, T)), noise."""
         n, lo, hi = n_local * self.m.world_size, self.tc.gan_min_t_frac, self.tc.gan_max_t_frac
         t = self.m.local(self.m.teacher.schedule.sample_t(n, lo, hi, self.rng)).to(self.m.device)
         eps = self.m.local(torch.randn((n, *self.m.sample_shape), generator=self.rng)).to(self.m.device)
