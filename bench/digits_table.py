@@ -92,13 +92,7 @@ def mean_of(sets: list[dict]) -> dict:
 
 def aggregate(name: str, nfe, scored: list[dict], **extra) -> dict:
     """One table row from the scores of each seed (one seed: its own spread, over sample sets or subsets)."""
-    row = {"row": name, "nfe": nfe, "seeds": len(scored), "per_seed": scored, **extra}
-    for k in SCORES:
-        v = np.array([s[k] for s in scored], dtype=float)
-        row[k] = float(v.mean())
-        if k != "accuracy":
-            row[k + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else scored[0][k + "_std"]
-    return row
+    return {"row": name, "nfe": nfe, "seeds": len(scored), "per_seed": scored, **extra, **mean_of(scored)}
 
 
 def render(rows: list[dict], seeds: int, sets: int) -> str:
