@@ -59,19 +59,14 @@ class DMDTrainer:
         dev = self.m.device
         return z.to(dev), (cond.to(dev) if cond is not None else None)
 
-    def _t_eps(self, n_local: int, fake: bool = False):
-        """t and unit noise for a per-process batch; fake=True: the fake score's range (train.fake_t_range)."""
-        sch = self.m.teacher.schedule
+    def _t_eps(self, n_local: int, use: str = "dm"):
+        """t and unit noise for a per-process batch, t in the range of `use`: "dm" (the DM loss), "fake" (the fake
+        score's denoising, train.fake_t_range) or "gan" (Diffusion-GAN's band; DMD2: [0, T))."""
+        tc = self.tc
+        lo, hi = {"gan": (tc.gan_min_t_frac, tc.gan_max_t_frac),
+                  "fake": (0.0, 1.0) if tc.fake_t_range == "all" else (tc.min_t_frac, tc.max_t_frac),
+                  "dm": (tc.min_t_frac, tc.max_t_frac)}[use]
         n = n_local * self.m.world_size
-        lo, hi = (0.0, 1.0) if fake and getattr(self.tc, "fake_t_range", "dm") == "all" else \
-            (self.tc.min_t_frac, self.tc.max_t_frac)
-        t = self.m.local(sch.sample_t(n, lo, hi, self.rng)).to(self.m.device)
-        eps = self.m.local(torch.randn((n, *self.m.sample_shape), generator=self.rng)).to(self.m.device)
-        return t, eps
-
-    def _t_eps_gan(self, n_local: int):
-        """The GAN's noise levels t ~ U[gan_min_t_frac T, gan_max_t_frac T] (Diffusion-GAN; DMD2: [0, T)), noise."""
-        n, lo, hi = n_local * self.m.world_size, self.tc.gan_min_t_frac, self.tc.gan_max_t_frac
         t = self.m.local(self.m.teacher.schedule.sample_t(n, lo, hi, self.rng)).to(self.m.device)
         eps = self.m.local(torch.randn((n, *self.m.sample_shape), generator=self.rng)).to(self.m.device)
         return t, eps
@@ -134,7 +129,7 @@ class DMDTrainer:
         if tc.dm_weight > 0:
             t, eps = self._t_eps(n)
         if gan:
-            t_g, eps_g = self._t_eps_gan(n)
+            t_g, eps_g = self._t_eps(n, "gan")
         for sl, share in self._micro(n):
             c = _take(cond, sl)
             if self.gen is not m.generator:
@@ -187,22 +182,22 @@ class DMDTrainer:
             with torch.no_grad():
                 x = torch.cat([gen(inputs[sl], _take(cond, sl)) for sl, _ in self._micro(inputs.shape[0])])
         n = x.shape[0]
-        t, eps = self._t_eps(n, fake=True)
+        t, eps = self._t_eps(n, "fake")
         gan = tc.gan_weight_fake > 0
         if gan:
             x_real, c_real = self.real_batch()
             if x_real.shape != x.shape:
                 raise DMDError(f"real data batch {list(x_real.shape)} does not match the generated batch "
                                f"{list(x.shape)}: data.real_data must hold samples of the teacher's shape")
-            t_f, eps_f = self._t_eps_gan(n)
-            t_r, eps_r = self._t_eps_gan(n)
+            t_f, eps_f = self._t_eps(n, "gan")
+            t_r, eps_r = self._t_eps(n, "gan")
         total, l_d, d_real, d_fake = (x.new_zeros((), dtype=torch.float32) for _ in range(4))
         for sl, share in self._micro(n):
             c = _take(cond, sl)
             part = denoising_loss(m.fake, x[sl], t[sl], eps[sl].to(x), c, tc.fake_loss_weighting)
             part = part.mean() * share
             loss = part
-            if gan:  # Diffusion-GAN: both batches noised (t as _t_eps_gan) before the fake score sees them
+            if gan:  # Diffusion-GAN: both batches noised (t in the GAN's band) before the fake score sees them
                 sch = m.teacher.schedule
                 lf = discriminate(m.fake, sch.add_noise(x[sl].detach(), eps_f[sl].to(x), t_f[sl]), t_f[sl], c)
                 xr = x_real[sl].to(x)
