@@ -50,6 +50,9 @@ class ProcessGroup:
         return out
 
     def close(self):
+        # ranks leave together, as the ZeRO-3 backend's do: a rank that tore its group down while rank 0 still
+        # read the folder was once seen to abort at exit (SIGABRT in gloo's teardown) after a complete job
+        self.dist.barrier()
         self.dist.destroy_process_group()
 
 
