@@ -258,6 +258,18 @@ class Backend(abc.ABC):
         """The denoiser network's weights when the generator module does not hold them whole (None: it does)."""
         return None
 
+    def write_fake_score(self, folder: Path) -> bool:
+        """Writes the fake score's network (without its GAN head) as a denoiser folder naming the teacher's weights
+        hash, for model.init_from (engine/warmstart.py). Every process calls it; True on the one that wrote."""
+        weights = self._whole_fake_weights()
+        if not self.is_main:
+            return False
+        self.fake.save_pretrained(folder, {"teacher_hash": self.teacher_hash}, weights)
+        return True
+
+    def _whole_fake_weights(self) -> dict | None:
+        return None
+
     # --- checkpoints ----------------------------------------------------------------------------------------
     @abc.abstractmethod
     def save_checkpoint(self, out: Path, state: dict, step: int, keep: int):

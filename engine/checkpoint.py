@@ -16,15 +16,26 @@ import shutil
 from pathlib import Path
 
 from .files import swap_in
+from .warmstart import FAKE_SCORE
+
+
+def _export(out: Path, name: str, models, write):
+    tmp = out / f".{name}.partial"
+    if models.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if write(tmp):  # a collective with several processes; True where it was written
+        swap_in(tmp, out / name)
 
 
 def export_generator(out: Path, models):
     """OUT/generator/: weights in the training parameter dtype (bf16 with DeepSpeed on GPU, else fp32)."""
-    tmp = out / ".generator.partial"
-    if models.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if models.write_generator(tmp):  # a collective with several processes; True where it was written
-        swap_in(tmp, out / "generator")
+    _export(out, "generator", models, models.write_generator)
+
+
+def export_fake_score(out: Path, models):
+    """OUT/fake_score/ (UNet teachers; the toy's fake score is not carried over), in the same dtype."""
+    if models.kind.folder:
+        _export(out, FAKE_SCORE, models, models.write_fake_score)
 
 
 def save(out: Path, models, trainer, sampler, extra: dict | None = None, keep: int = 2, real_sampler=None):
@@ -33,6 +44,7 @@ def save(out: Path, models, trainer, sampler, extra: dict | None = None, keep: i
              "real_sampler": real_sampler.state_dict() if real_sampler else None, **(extra or {})}
     models.save_checkpoint(out, state, trainer.step, keep)
     export_generator(out, models)
+    export_fake_score(out, models)
 
 
 def load(out: Path, models, trainer, sampler, real_sampler=None) -> dict:

@@ -28,6 +28,9 @@ class ModelSection:
     decoder: str = ""                 # sd15: autoencoder folder that decodes latents for the regression loss and
                                       # samples ("" = the teacher's vae/; a TAESD folder makes LPIPS cheap)
     toy_hidden: int = 128             # toy2d: width of the MLP generator and fake score
+    init_from: str = ""               # a run folder of this teacher: the generator and fake score start from its
+                                      # generator/ and fake_score/, no fake-score warm-up (DMD2's second phase;
+                                      # engine/warmstart.py)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from .files import damaged, load_tensors, recover_swapped, swap_in, write_digest
 from .kinds import load_teacher, model_kind
 from .devices import pick_device
 from .text2image import load_text
+from .warmstart import init_files, load_whole
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -28,8 +29,9 @@ def resolve_device(choice: str) -> torch.device:
 class PlainBackend(Backend):
     name = "plain"
 
-    def __init__(self, cfg, device="cpu", teacher: tuple | None = None):
-        """teacher: (Denoiser, hash) built by the caller instead of loaded from cfg.model (benchmarks)."""
+    def __init__(self, cfg, device="cpu", teacher: tuple | None = None, init_from: str | None = None):
+        """teacher: (Denoiser, hash) built by the caller instead of loaded from cfg.model (benchmarks). init_from:
+        a run whose generator and fake score this run starts from (engine/warmstart.py)."""
         tc = cfg.train
         self.cfg, self.device, self.kind = cfg, torch.device(device), model_kind(cfg.model.kind)
         dc = cfg.deepspeed  # the precision switches are shared with the ZeRO-3 backend
@@ -42,6 +44,10 @@ class PlainBackend(Backend):
         self.text = load_text(cfg, self.teacher, self.device, self.teacher_dtype)
         # the copies are made from the fp32 teacher: their weights are the fp32 masters, bf16 only under autocast
         self.generator, self.fake = self.kind.trainables(cfg, self.teacher)
+        files = init_files(init_from, self.teacher_hash)
+        if files:  # before the EMA copy and the GAN head: the EMA starts from these weights, the head afresh
+            load_whole(self.generator.denoiser.net, files[0])
+            load_whole(self.fake.net, files[1])
         self.generator.to(self.device, torch.float32).train().requires_grad_(True)
         self.fake.to(self.device, torch.float32).train().requires_grad_(True)
         set_dropout(tc.dropout, self.generator, self.fake)

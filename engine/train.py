@@ -6,7 +6,7 @@
 One trainer, two backends: plain PyTorch on one process, or DeepSpeed ZeRO-3 (deepspeed.enabled in the config)
 on one or many processes. The run folder gets config.json, log.jsonl, tb/ (TensorBoard), pairs/ (made first if
 missing), checkpoint/ (plain) or checkpoints/ (DeepSpeed, newest K kept), generator/ (a diffusers folder for
-stock diffusers), samples.npz and grid.png at the end.
+stock diffusers), fake_score/ (for model.init_from), samples.npz and grid.png at the end.
 """
 import _bootstrap  # noqa: F401
 
@@ -66,6 +66,8 @@ def check_config(cfg, args):
         raise DMDError(f"--max-steps must be >= 0, got {args.max_steps}")
     if model_kind(cfg.model.kind).folder:
         teacher_folder(cfg)  # a single-file checkpoint or a missing folder, before any work
+    elif cfg.model.init_from:
+        raise DMDError(f"model.init_from needs a UNet teacher (model.kind unet or sd15), not '{cfg.model.kind}'")
     try:
         check_regression_loss(tc)  # before hours of pair making, not after
     except FileNotFoundError as e:
@@ -101,17 +103,18 @@ def check_config(cfg, args):
                            "train.generator_timesteps with several steps")
 
 
-def build_backend(cfg):
-    """The backend, decided here only: deepspeed.enabled picks ZeRO-3, else the plain one-process backend."""
+def build_backend(cfg, init_from: str | None = None):
+    """The backend, decided here only: deepspeed.enabled picks ZeRO-3, else the plain one-process backend.
+    init_from: a run to take the generator and fake score from (engine/warmstart.py)."""
     if cfg.deepspeed.enabled:
         from engine.zero import ZeroBackend
-        return ZeroBackend(cfg)
+        return ZeroBackend(cfg, init_from)
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n > 1:
         raise DMDError(f"started as {n} processes but deepspeed.enabled is false in the config "
                        f"(set it, e.g. --set deepspeed.enabled=true, or run one process)")
     from engine.plain import PlainBackend, resolve_device
-    return PlainBackend(cfg, resolve_device(cfg.train.device))
+    return PlainBackend(cfg, resolve_device(cfg.train.device), init_from=init_from)
 
 
 def open_pairs(cfg, models, out: Path, progress=True) -> PairReader:
@@ -229,7 +232,7 @@ def main():
     changes = runfolder.check(out, args.resume, args.overwrite, to_dict(cfg))  # every process alike
     t_start = time.time()
     torch.manual_seed(tc.seed)
-    models = build_backend(cfg)
+    models = build_backend(cfg, None if args.resume else cfg.model.init_from)  # a resume has its own weights
     if cfg.deepspeed.enabled:
         torch.manual_seed(tc.seed + models.rank)  # dropout masks: each process its own stream
     quiet = args.quiet or not models.is_main
@@ -258,7 +261,8 @@ def main():
     feed = make_pair_feed(cfg.data.loader, reader, sampler, models) if reader is not None else None  # after resume
     if real_reader is not None:
         trainer.real = make_real_feed(cfg.data.loader, real_reader, real_sampler, models)
-    if not args.resume and tc.fake_warmup_steps and tc.dm_weight > 0 and tc.fake_score == "learned":
+    fresh_fake = not (args.resume or cfg.model.init_from)  # an init_from run's fake score follows its generator
+    if fresh_fake and tc.fake_warmup_steps and tc.dm_weight > 0 and tc.fake_score == "learned":
         with tqdm(total=tc.fake_warmup_steps, desc="fake-score warm-up", disable=quiet) as bar, models.autocast():
             trainer.warmup_fake(tc.fake_warmup_steps, bar)
 

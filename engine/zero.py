@@ -39,12 +39,14 @@ from .files import load_tensors, write_digests
 from .kinds import generator_of, model_kind, teacher_folder
 from .tags import intact_tag, latest_tag, publish
 from .text2image import load_text
+from .warmstart import init_files
 
 class ZeroBackend(Backend):
     partitioned = True
     name = "deepspeed-zero3"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, init_from: str | None = None):
+        """init_from: a run whose generator and fake score this run starts from (engine/warmstart.py)."""
         dc = cfg.deepspeed
         if dc.zero_stage != 3:
             raise DMDError(f"deepspeed.zero_stage must be 3 (the only stage this engine implements), got {dc.zero_stage}")
@@ -71,6 +73,7 @@ class ZeroBackend(Backend):
         self.weights = self.folder / "unet" / "diffusion_pytorch_model.safetensors"
         if not self.weights.is_file():
             raise DMDError(f"{self.folder}/unet holds no diffusion_pytorch_model.safetensors (needed with deepspeed)")
+        self.init = init_files(init_from, self.teacher_hash)  # (generator, fake score) weights, or None
         # imported before zero.Init patches tensor creation, which breaks torch._dynamo imported lazily inside it
         from diffusers import UNet2DConditionModel, UNet2DModel  # noqa: F401
 
@@ -92,13 +95,13 @@ class ZeroBackend(Backend):
             self.ema_parts = [self._master(p).detach().float().clone() for p in self.generator.parameters()]
 
     # --- the three models -----------------------------------------------------------------------------------
-    def _partitioned_denoiser(self, conf: dict, trainable: bool) -> Denoiser:
+    def _partitioned_denoiser(self, conf: dict, trainable: bool, weights: Path | None = None) -> Denoiser:
         # Built in fp32; zero.Init casts each module's parameters to conf["bf16"]'s dtype as it partitions
         # them (an explicit dtype= is ignored on CPU: DeepSpeed 0.19 then picks bf16). Each module's
         # parameters exist whole only until the end of its own __init__.
         with self.ds.zero.Init(config_dict_or_path=conf):
             d = Denoiser.from_pretrained(self.folder, torch.float32, weights=False)
-        load_partitioned(d.net, self.weights, self.rank, self.ds)
+        load_partitioned(d.net, weights or self.weights, self.rank, self.ds)
         if trainable and self.cfg.deepspeed.gradient_checkpointing:
             d.net.enable_gradient_checkpointing()
         return d.requires_grad_(trainable).train(trainable)
@@ -110,7 +113,7 @@ class ZeroBackend(Backend):
     def _build_trained(self, name: str, lr: float):
         """The generator or the fake score: a partitioned copy of the teacher with its own AdamW and scheduler."""
         conf = ds_config(self.cfg, self.world_size, self.dtype, True)
-        d = self._partitioned_denoiser(conf, True)
+        d = self._partitioned_denoiser(conf, True, self.init[1 if name == "fake" else 0] if self.init else None)
         d.sample_shape = self.teacher.sample_shape  # text kinds: the latent shape load_text set
         if name == "fake":
             # whole here; DeepSpeed partitions it at initialize. No early exit: ZeRO-3's hooks gather and release
@@ -246,6 +249,10 @@ class ZeroBackend(Backend):
             return None
         pre = "denoiser.net."
         return {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+
+    def _whole_fake_weights(self):
+        sd = self.engines["fake"]._zero3_consolidated_16bit_state_dict()  # its GAN head left out below
+        return None if sd is None else {k[len("net."):]: v for k, v in sd.items() if k.startswith("net.")}
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(self, out: Path, state: dict, step: int, keep: int):

@@ -19,6 +19,22 @@ def test_shipped_dmd_configs_parse(name):
     assert cfg.train.dm_weight == 1.0 and cfg.train.reg_weight > 0
 
 
+def test_sd15_dmd2_configs_are_dmd2s_two_phases():
+    """DMD2's SD1.5 runs (tianweiy/DMD2, experiments/sdv1.5): TTUR 10 and guidance 1.75 throughout; lr 1e-5 without
+    the GAN, then lr 5e-7 with GAN weights 1e-3 / 1e-2, started from the first phase's generator and fake score."""
+    one = load(ROOT / "configs" / "sd15_dmd2_zero3.json", DMDConfig)
+    two = load(ROOT / "configs" / "sd15_dmd2_gan_zero3.json", DMDConfig)
+    for c in (one, two):
+        tc = c.train
+        assert (tc.fake_updates_per_generator, tc.real_guidance, tc.reg_weight, tc.betas) == (10, 1.75, 0.0, [0.9, 0.999])
+        assert c.deepspeed.enabled and c.model.teacher == one.model.teacher
+    assert (one.train.gan_weight_generator, one.train.gan_weight_fake, one.data.real_data) == (0.0, 0.0, "")
+    assert one.train.lr_generator == one.train.lr_fake == 1e-5 and not one.model.init_from
+    assert (two.train.gan_weight_generator, two.train.gan_weight_fake) == (1e-3, 1e-2) and two.data.real_data
+    assert two.train.lr_generator == two.train.lr_fake == 5e-7
+    assert two.model.init_from == "runs/sd15_dmd2"  # the first phase's --out in the README
+
+
 def test_defaults_are_the_papers():
     cfg = parse(DMDConfig, {})
     assert cfg.train.reg_weight == 0.25  # L_DM + 0.25 L_reg

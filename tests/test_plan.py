@@ -220,13 +220,13 @@ def test_cli_bad_dry_run_arguments_are_one_line(tmp_path, args, message):
 
 
 def test_dmd2_config_plans_the_gan_head_with_the_fake_score(sd15_folder, tmp_path):
-    """configs/sd15_dmd2_zero3.json: DMD2's head (1280 bottleneck channels -> 256 -> 256 -> 1) is counted with the
-    fake score, and its extra passes raise the activation peak over the same config without the GAN."""
+    """configs/sd15_dmd2_gan_zero3.json (DMD2's second SD1.5 phase): the head (1280 bottleneck channels -> 256 ->
+    256 -> 1) is counted with the fake score, and its extra passes raise the activation peak over no GAN."""
     head = (1280 * 256 * 9 + 256) + 2 * 256 + (256 * 256 * 9 + 256) + 2 * 256 + 257
     plans = {}
     for name, extra in (("gan", []), ("nogan", ["--set", "train.gan_weight_generator=0", "--set",
                                                 "train.gan_weight_fake=0"])):
-        r = _train("--config", "configs/sd15_dmd2_zero3.json", "--out", str(tmp_path / name), "--dry-run",
+        r = _train("--config", "configs/sd15_dmd2_gan_zero3.json", "--out", str(tmp_path / name), "--dry-run",
                    "--processes", "64", "--gpu-memory", "80", "--set", f"model.teacher={sd15_folder}", *extra)
         assert r.returncode == 0, r.stderr
         plans[name] = json.loads((tmp_path / name / "plan.json").read_text())

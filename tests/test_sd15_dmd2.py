@@ -86,3 +86,22 @@ def test_the_export_is_a_stock_pipeline_running_the_generators_steps(dmd2_run):
     r = run("engine/infer.py", "--checkpoint", str(folder), "--num", "2", "--prompt", prompts[0], "--out",
             str(dmd2_run / "s.npz"))
     assert r.returncode == 0 and "2-step generator (timesteps 999, 499" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_a_second_phase_starts_from_the_first_runs_networks(dmd2_run, tmp_path):
+    """DMD2's SD1.5 recipe: phase 2 (model.init_from, a lower rate) starts from phase 1's generator and fake score;
+    the text kind's exports (a pipeline folder and a UNet2DConditionModel folder) are what it reads."""
+    from safetensors.torch import load_file
+    cfg = json.loads((dmd2_run / "cfg.json").read_text())
+    cfg["model"]["init_from"] = str(dmd2_run / "run")
+    cfg["train"].update(lr_generator=5e-7, lr_fake=5e-7)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = run("engine/train.py", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "p2"), "--quiet",
+            "--max-steps", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for part in ("generator", "fake_score"):
+        a, b = (load_file(str(f / part / "unet" / "diffusion_pytorch_model.safetensors"))
+                for f in (dmd2_run / "run", tmp_path / "p2"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert json.loads((tmp_path / "p2" / "fake_score" / "unet" / "config.json").read_text())["_class_name"] == \
+        "UNet2DConditionModel"

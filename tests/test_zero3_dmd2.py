@@ -1,10 +1,14 @@
 """DMD2 under DeepSpeed ZeRO-3 on 2 CPU processes (gloo): the GAN head partitioned with the fake score, real data
 fed per rank, a 2-step generator trained with backward simulation. The run matches one process at the same
-global batch, and a run killed with SIGKILL and resumed ends where the uninterrupted one does (on both backends)."""
+global batch, and a run killed with SIGKILL and resumed ends where the uninterrupted one does (on both backends).
+model.init_from (DMD2's second phase) starts a run's generator and fake score from another run's exports, across
+backends and process counts."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +97,74 @@ def test_one_process_dmd2_sigkill_then_resume_is_bit_identical(one_process, tiny
     assert _max_diff(_generator_weights(out), _generator_weights(one_process)) == 0
     last, ref = _log(out)[-1], _log(one_process)[-1]
     assert last["step"] == ref["step"] and all(last[k] == ref[k] for k in KEYS)
+
+
+# --- model.init_from: a run started from another run's generator and fake score (engine/warmstart.py) ----------
+def _fake_weights(out):
+    from safetensors.torch import load_file
+    return load_file(str(Path(out) / "fake_score" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _init_cfg(tmp_path, teacher_dir, real_dir, init_from, zero):
+    cfg = _dmd2_cfg(tmp_path, teacher_dir, real_dir, zero=zero)
+    d = json.loads(cfg.read_text())
+    d["model"]["init_from"] = str(init_from)
+    d["train"]["ema_decay"] = 0.9  # the EMA (what is exported) must start from the loaded generator too
+    cfg.write_text(json.dumps(d))
+    return cfg
+
+
+def test_fake_score_export_is_the_trained_fake_score_without_its_head(one_process, dmd2_reference, tiny_teacher_dir):
+    from models import Denoiser, weights_hash
+    fake = torch.load(one_process / "checkpoint" / "state.pt", weights_only=True)["models"]["fake"]
+    assert {k.split(".")[0] for k in fake} == {"net", "gan_head"}
+    assert _max_diff(_fake_weights(one_process), {k[4:]: v for k, v in fake.items() if k.startswith("net.")}) == 0
+    meta = json.loads((one_process / "fake_score" / "dmd_model.json").read_text())
+    assert meta["teacher_hash"] == weights_hash(tiny_teacher_dir)
+    Denoiser.from_pretrained(one_process / "fake_score")  # a whole denoiser folder
+    # ZeRO-3 consolidates its partitions into the same export (the runs match to summation order)
+    assert _max_diff(_fake_weights(dmd2_reference), _fake_weights(one_process)) < 1e-4
+
+
+def test_init_from_starts_both_networks_from_the_run_on_either_backend(one_process, dmd2_reference, tiny_teacher_dir,
+                                                                       real_dir, tmp_path):
+    """--max-steps 0 exports what was loaded: 2 ZeRO-3 processes from a one-process run, one process from them."""
+    z = tmp_path / "z"
+    r = launch(_init_cfg(tmp_path, tiny_teacher_dir, real_dir, one_process, zero=True), z, "--max-steps", "0")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert _max_diff(_generator_weights(z), _generator_weights(one_process)) == 0
+    assert _max_diff(_fake_weights(z), _fake_weights(one_process)) == 0
+    p = tmp_path / "p"
+    r = run("engine/train.py", "--config", str(_init_cfg(tmp_path, tiny_teacher_dir, real_dir, dmd2_reference, False)),
+            "--out", str(p), "--quiet", "--max-steps", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _max_diff(_generator_weights(p), _generator_weights(dmd2_reference)) == 0
+    assert _max_diff(_fake_weights(p), _fake_weights(dmd2_reference)) == 0
+
+
+def test_init_from_refuses_a_missing_or_foreign_run_in_one_line(one_process, tiny_teacher_dir, real_dir, tmp_path):
+    def refused(init_from, out):
+        cfg = _init_cfg(tmp_path, tiny_teacher_dir, real_dir, init_from, zero=False)
+        r = run("engine/train.py", "--config", str(cfg), "--out", str(tmp_path / out), "--quiet")
+        assert r.returncode == 2 and not (tmp_path / out / "config.json").exists(), r.stderr[-2000:]
+        return r.stderr.strip().splitlines()[-1]
+
+    assert "model.init_from: run folder" in refused(tmp_path / "nowhere", "a")
+    other = tmp_path / "other"
+    shutil.copytree(one_process, other, ignore=shutil.ignore_patterns("checkpoint", "tb"))
+    meta = other / "fake_score" / "dmd_model.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "teacher_hash": "0" * 64}))
+    assert "was not trained from this teacher" in refused(other, "b")
+    shutil.rmtree(other / "fake_score")
+    assert "fake_score/unet/diffusion_pytorch_model.safetensors is missing" in refused(other, "c")
+
+
+def test_a_resumed_init_from_run_needs_only_its_own_checkpoint(one_process, tiny_teacher_dir, real_dir, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "run"
+    shutil.copytree(one_process, src, ignore=shutil.ignore_patterns("checkpoint", "tb"))
+    cmd = ("engine/train.py", "--config", str(_init_cfg(tmp_path, tiny_teacher_dir, real_dir, src, False)),
+           "--out", str(out), "--quiet")
+    assert run(*cmd, "--max-steps", "2").returncode == 0
+    shutil.rmtree(src)
+    r = run(*cmd, "--resume")
+    assert r.returncode == 0 and "resumed at step 2" in r.stdout, r.stderr[-2000:]
