@@ -1,4 +1,4 @@
-"""Checkpoints that survive faults, and the generator export; the storage itself belongs to the backend.
+"""Checkpoints that survive faults, and the generator and fake-score exports; the storage belongs to the backend.
 
     save(out, models, trainer, sampler, extra)   the backend's checkpoint (engine/plain.py: OUT/checkpoint/,
                                                  engine/zero.py: OUT/checkpoints/<tag>/), then the export
@@ -16,26 +16,28 @@ import shutil
 from pathlib import Path
 
 from .files import swap_in
-from .warmstart import FAKE_SCORE
+from .warmstart import FAKE_SCORE, stamp
 
 
-def _export(out: Path, name: str, models, write):
+def _export(out: Path, name: str, models, write, step: int | None):
     tmp = out / f".{name}.partial"
     if models.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     if write(tmp):  # a collective with several processes; True where it was written
+        if step is not None:
+            stamp(tmp, step)
         swap_in(tmp, out / name)
 
 
-def export_generator(out: Path, models):
+def export_generator(out: Path, models, step: int | None = None):
     """OUT/generator/: weights in the training parameter dtype (bf16 with DeepSpeed on GPU, else fp32)."""
-    _export(out, "generator", models, models.write_generator)
+    _export(out, "generator", models, models.write_generator, step)
 
 
-def export_fake_score(out: Path, models):
+def export_fake_score(out: Path, models, step: int | None = None):
     """OUT/fake_score/ (UNet teachers; the toy's fake score is not carried over), in the same dtype."""
     if models.kind.folder:
-        _export(out, FAKE_SCORE, models, models.write_fake_score)
+        _export(out, FAKE_SCORE, models, models.write_fake_score, step)
 
 
 def save(out: Path, models, trainer, sampler, extra: dict | None = None, keep: int = 2, real_sampler=None):
@@ -43,8 +45,8 @@ def save(out: Path, models, trainer, sampler, extra: dict | None = None, keep: i
     state = {**trainer.state_dict(), "sampler": sampler.state_dict() if sampler else None,
              "real_sampler": real_sampler.state_dict() if real_sampler else None, **(extra or {})}
     models.save_checkpoint(out, state, trainer.step, keep)
-    export_generator(out, models)
-    export_fake_score(out, models)
+    export_generator(out, models, trainer.step)
+    export_fake_score(out, models, trainer.step)
 
 
 def load(out: Path, models, trainer, sampler, real_sampler=None) -> dict:

@@ -19,7 +19,8 @@ from .errors import DMDError
 
 KEEP = {"pairs", "plan.json"}  # what a fresh run may find in OUT: make_pairs.py and --dry-run write them
 RESUMABLE = {"name", "train.max_steps", "train.log_every", "train.sample_every", "train.save_every", "train.threads",
-             "train.max_consecutive_skips", "data.loader", "deepspeed.keep_checkpoints"}
+             "train.max_consecutive_skips", "data.loader", "deepspeed.keep_checkpoints",
+             "model.init_from"}  # read by a fresh run only: a resume takes its weights from its own checkpoint
 RESUMABLE_SECTIONS = {"eval"}
 
 

@@ -36,6 +36,7 @@ from engine.fast_sampler import OneStepSampler, SamplePath
 from engine.sampling import draw, noise_shape, save_samples
 from engine.text2image import DecodedRegression
 from engine.trainer import DMDTrainer
+from engine.warmstart import init_files
 
 # x86 CPUs run subnormal floats some 100x slower, and DMD2's passes through the fake score make them (a digits
 # fake-score update with the GAN: 0.15 s flushed, 1-13 s and growing without). Flushed, values below ~1e-38
@@ -68,6 +69,10 @@ def check_config(cfg, args):
         teacher_folder(cfg)  # a single-file checkpoint or a missing folder, before any work
     elif cfg.model.init_from:
         raise DMDError(f"model.init_from needs a UNet teacher (model.kind unet or sd15), not '{cfg.model.kind}'")
+    if cfg.model.init_from and not args.resume:  # the run's files now; the teacher's hash once it is loaded
+        if resolve_path(cfg.model.init_from).resolve() == Path(args.out).resolve():
+            raise DMDError("model.init_from names this run's own --out; start the new run in another folder")
+        init_files(cfg.model.init_from)
     try:
         check_regression_loss(tc)  # before hours of pair making, not after
     except FileNotFoundError as e:

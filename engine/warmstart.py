@@ -6,7 +6,9 @@ generator and fake score (configs/sd15_dmd2_zero3.json, then configs/sd15_dmd2_g
     RUN/fake_score/   the fake score's network, written beside the generator at every checkpoint (not its GAN head)
 Started afresh: optimisers, step count, LR warm-up, the EMA (a copy of the loaded generator), the GAN head, the
 pair and real-data positions. Both are whole safetensors files, so either backend at any process count starts
-from a run of either backend. A --resume reads its own checkpoint instead and does not need RUN any more.
+from a run of either backend. Each export names the save it belongs to: a pair from two saves is refused. ZeRO-3
+on a GPU exports bf16, so there the new fp32 masters start from bf16-rounded weights (what RUN's forward used).
+A --resume reads its own checkpoint instead and does not need RUN any more.
 """
 from __future__ import annotations
 
@@ -22,9 +24,25 @@ FAKE_SCORE = "fake_score"  # the run folder's fake-score export
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
-def init_files(init_from: str | None, teacher_hash: str) -> tuple[Path, Path] | None:
-    """(generator weights, fake-score weights) of the run `init_from`, checked to come from this teacher; None
-    when there is no run to start from."""
+def stamp(folder: Path, step: int):
+    """Records in an export's dmd_model.json which save it belongs to, so that a generator and a fake score from
+    different saves (a kill between the two exports) are not taken as a pair."""
+    meta = folder / "dmd_model.json"
+    if meta.is_file():
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "step": step}, indent=2))
+
+
+def _meta(run: Path, part: str) -> dict:
+    path = run / part / "dmd_model.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DMDError(f"model.init_from: {path} cannot be read ({type(e).__name__})") from None
+
+
+def init_files(init_from: str | None, teacher_hash: str | None = None) -> tuple[Path, Path] | None:
+    """(generator weights, fake-score weights) of the run `init_from`, from one save and, when teacher_hash is
+    given, from this teacher; None when there is no run to start from."""
     if not init_from:
         return None
     run = resolve_path(init_from)
@@ -34,15 +52,16 @@ def init_files(init_from: str | None, teacher_hash: str) -> tuple[Path, Path] | 
     for f in files:
         if not f.is_file():
             raise DMDError(f"model.init_from: {f} is missing (a run writes generator/ and {FAKE_SCORE}/ with each "
-                           f"checkpoint; a run that has not saved one yet cannot be started from)")
-    meta = run / FAKE_SCORE / "dmd_model.json"
-    try:
-        theirs = json.loads(meta.read_text()).get("teacher_hash")
-    except (OSError, ValueError):
-        theirs = None
-    if theirs != teacher_hash:
-        raise DMDError(f"model.init_from: {run} was not trained from this teacher ({meta} names weights hash "
-                       f"{str(theirs)[:12]}, model.teacher has {teacher_hash[:12]})")
+                           f"checkpoint; for a run that has saved but has no {FAKE_SCORE}/ yet, --resume it once: its "
+                           f"final save writes both)")
+    gen, fake = _meta(run, "generator"), _meta(run, FAKE_SCORE)
+    if gen.get("step") != fake.get("step"):
+        raise DMDError(f"model.init_from: {run}/generator is from step {gen.get('step')} but {FAKE_SCORE}/ from step "
+                       f"{fake.get('step')} (a save was cut short; --resume that run once to finish it)")
+    if teacher_hash is not None and fake.get("teacher_hash") != teacher_hash:
+        theirs = str(fake.get("teacher_hash"))[:12]
+        raise DMDError(f"model.init_from: {run} was not trained from this teacher ({FAKE_SCORE}/dmd_model.json "
+                       f"names weights hash {theirs}, model.teacher has {teacher_hash[:12]})")
     return files
 
 

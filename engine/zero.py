@@ -2,12 +2,12 @@
 (`deepspeed engine/train.py ...`):
 
     teacher    ZeRO-3 engine, no optimiser: parameters partitioned, no gradients (bf16 on GPU)
-    generator  ZeRO-3 engine with its own AdamW and LR scheduler, initialised from the teacher
-    fake       ZeRO-3 engine with its own AdamW and LR scheduler, initialised from the teacher
+    generator  ZeRO-3 engine with its own AdamW and LR scheduler, initialised from the teacher (or model.init_from)
+    fake       ZeRO-3 engine with its own AdamW and LR scheduler, initialised from the teacher (or model.init_from)
 
-Weights: each network is built under deepspeed.zero.Init (partitioned as created), then the teacher's file is
-copied in one module at a time (engine/distributed.py): no process holds a whole network, except rank 0
-consolidating the generator's 16-bit weights for an export.
+Weights: each network is built under deepspeed.zero.Init (partitioned as created), then the teacher's file (or
+model.init_from's export) is copied in one module at a time (engine/distributed.py): no process holds a whole
+network, except rank 0 consolidating the generator's and the fake score's 16-bit weights for their exports.
 
 Generator EMA: each rank keeps an fp32 copy of its own partition of every generator parameter, moved towards
 the optimiser's fp32 master partition after each step (no communication); sampling swaps it in.

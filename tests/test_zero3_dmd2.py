@@ -110,19 +110,24 @@ def _init_cfg(tmp_path, teacher_dir, real_dir, init_from, zero):
     d = json.loads(cfg.read_text())
     d["model"]["init_from"] = str(init_from)
     d["train"]["ema_decay"] = 0.9  # the EMA (what is exported) must start from the loaded generator too
+    d["train"]["fake_warmup_steps"] = 2  # not run: the loaded fake score already follows its generator
     cfg.write_text(json.dumps(d))
     return cfg
 
 
-def test_fake_score_export_is_the_trained_fake_score_without_its_head(one_process, dmd2_reference, tiny_teacher_dir):
+def test_fake_score_export_is_the_trained_fake_score_without_its_head(one_process, tiny_teacher_dir):
     from models import Denoiser, weights_hash
     fake = torch.load(one_process / "checkpoint" / "state.pt", weights_only=True)["models"]["fake"]
     assert {k.split(".")[0] for k in fake} == {"net", "gan_head"}
     assert _max_diff(_fake_weights(one_process), {k[4:]: v for k, v in fake.items() if k.startswith("net.")}) == 0
     meta = json.loads((one_process / "fake_score" / "dmd_model.json").read_text())
-    assert meta["teacher_hash"] == weights_hash(tiny_teacher_dir)
+    assert meta["teacher_hash"] == weights_hash(tiny_teacher_dir) and meta["step"] == STEPS
+    assert json.loads((one_process / "generator" / "dmd_model.json").read_text())["step"] == STEPS
     Denoiser.from_pretrained(one_process / "fake_score")  # a whole denoiser folder
-    # ZeRO-3 consolidates its partitions into the same export (the runs match to summation order)
+
+
+def test_zero3_fake_score_export_consolidates_its_partitions(one_process, dmd2_reference):
+    # the same export as one process's (the runs match to summation order)
     assert _max_diff(_fake_weights(dmd2_reference), _fake_weights(one_process)) < 1e-4
 
 
@@ -155,8 +160,12 @@ def test_init_from_refuses_a_missing_or_foreign_run_in_one_line(one_process, tin
     meta = other / "fake_score" / "dmd_model.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "teacher_hash": "0" * 64}))
     assert "was not trained from this teacher" in refused(other, "b")
+    gen = other / "generator" / "dmd_model.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "step": STEPS - 2}))
+    assert f"generator is from step {STEPS - 2} but fake_score/ from step {STEPS}" in refused(other, "c")
     shutil.rmtree(other / "fake_score")
-    assert "fake_score/unet/diffusion_pytorch_model.safetensors is missing" in refused(other, "c")
+    assert "fake_score/unet/diffusion_pytorch_model.safetensors is missing" in refused(other, "d")
+    assert "names this run's own --out" in refused(tmp_path / "e", "e")
 
 
 def test_a_resumed_init_from_run_needs_only_its_own_checkpoint(one_process, tiny_teacher_dir, real_dir, tmp_path):
@@ -168,3 +177,12 @@ def test_a_resumed_init_from_run_needs_only_its_own_checkpoint(one_process, tiny
     shutil.rmtree(src)
     r = run(*cmd, "--resume")
     assert r.returncode == 0 and "resumed at step 2" in r.stdout, r.stderr[-2000:]
+
+
+def test_init_from_may_differ_on_resume_and_older_runs_without_it_resume():
+    from engine.runfolder import config_changes
+    old = {"model": {"kind": "unet", "teacher": "t"}, "train": {"lr_fake": 1e-4}}  # written before the key existed
+    for new_value in ("", "runs/phase1"):
+        changed, bad = config_changes(old, {"model": {**old["model"], "init_from": new_value}, "train": old["train"]})
+        assert bad == [] and changed == {"model.init_from": [None, new_value]}
+    assert config_changes(old, {**old, "train": {"lr_fake": 1e-5}})[1] == ["train.lr_fake"]  # still refused
