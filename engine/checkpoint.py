@@ -1,10 +1,12 @@
 """Checkpoints that survive faults, and the generator and fake-score exports; the storage belongs to the backend.
 
     save(out, models, trainer, sampler, extra)   the backend's checkpoint (engine/plain.py: OUT/checkpoint/,
-                                                 engine/zero.py: OUT/checkpoints/<tag>/), then the export
+                                                 engine/zero.py: OUT/checkpoints/<tag>/), then the exports
     load(out, models, trainer, sampler)          the newest complete checkpoint, models and trainer state
-    export_generator(out, models)                OUT/generator/: written beside it and swapped in, so it is
+    export_generator(out, models, step)          OUT/generator/: written beside it and swapped in, so it is
                                                  always a whole diffusers folder
+    export_fake_score(out, models, step)         OUT/fake_score/ the same way, for model.init_from
+                                                 (engine/warmstart.py); both name the save's step
 
 What a checkpoint holds besides the models: the trainer's state (engine/trainer.py: the shared noise stream,
 this process's torch RNG, step, skip counts) and the pair and real-data samplers' positions, so a resumed run continues
@@ -19,22 +21,21 @@ from .files import swap_in
 from .warmstart import FAKE_SCORE, stamp
 
 
-def _export(out: Path, name: str, models, write, step: int | None):
+def _export(out: Path, name: str, models, write, step: int):
     tmp = out / f".{name}.partial"
     if models.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     if write(tmp):  # a collective with several processes; True where it was written
-        if step is not None:
-            stamp(tmp, step)
+        stamp(tmp, step)
         swap_in(tmp, out / name)
 
 
-def export_generator(out: Path, models, step: int | None = None):
+def export_generator(out: Path, models, step: int):
     """OUT/generator/: weights in the training parameter dtype (bf16 with DeepSpeed on GPU, else fp32)."""
     _export(out, "generator", models, models.write_generator, step)
 
 
-def export_fake_score(out: Path, models, step: int | None = None):
+def export_fake_score(out: Path, models, step: int):
     """OUT/fake_score/ (UNet teachers; the toy's fake score is not carried over), in the same dtype."""
     if models.kind.folder:
         _export(out, FAKE_SCORE, models, models.write_fake_score, step)
