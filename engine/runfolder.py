@@ -61,8 +61,11 @@ def check(out: Path, resume: bool, overwrite: bool, cfg_dict: dict) -> dict:
         changed, bad = config_changes(old, cfg_dict)
         if bad:
             what = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in bad[:5])
+            older = [k for k in bad if k not in _flat(old)]  # a key this engine has and the run's engine had not
+            hint = (f"; the run's config.json has no {', '.join(older[:3])}: it was written by an older engine, "
+                    f"which is the one to resume it with" if older else "")
             raise DMDError(f"--resume: the config differs from the run's in keys that define the training ({what}); "
-                           f"resume with the run's config, or start a new run in another folder")
+                           f"resume with the run's config, or start a new run in another folder{hint}")
         return changed
     foreign = sorted(p.name for p in out.iterdir() if p.name not in KEEP) if out.is_dir() else []
     if foreign and not overwrite:

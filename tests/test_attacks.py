@@ -123,6 +123,12 @@ def test_resume_accepts_only_run_length_and_logging_changes(tmp_path, tiny_teach
             "--set", "train.lr_generator=0.5", "--set", "train.seed=7")
     assert r.returncode == 2 and "train.lr_generator" in r.stderr and "train.seed" in r.stderr, r.stderr[-2000:]
     assert (out / "config.json").read_text() == saved
+    older = json.loads(saved)  # a run written before train.fake_t_range existed
+    del older["train"]["fake_t_range"]
+    (out / "config.json").write_text(json.dumps(older))
+    r = run("engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet", "--resume")
+    assert r.returncode == 2 and "has no train.fake_t_range" in r.stderr and "older engine" in r.stderr
+    (out / "config.json").write_text(saved)
     r = run("engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet", "--resume",
             "--set", "train.max_steps=3", "--set", "train.log_every=3")
     assert r.returncode == 0, r.stderr[-2000:]
