@@ -106,6 +106,10 @@ class DMDTrainer:
         if self.real is None:
             raise DMDError("train.gan_weight_fake > 0 needs real data: set data.real_data")
         x, cond = self.real.next()
+        width = getattr(self.tc, "gan_real_dequantize", 0.0)
+        if width > 0:  # the whole global batch's draw from the shared stream, as noise() does
+            u = torch.rand((x.shape[0] * self.m.world_size, *x.shape[1:]), generator=self.rng)
+            x = x + (self.m.local(u) - 0.5).to(x) * width
         if isinstance(cond, (list, tuple)):  # captions
             cond = self.m.text.encoder(list(cond))
         elif cond is not None and self.m.num_classes is None:

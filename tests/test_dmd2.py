@@ -142,6 +142,24 @@ def test_gan_noise_levels_follow_the_gan_t_range(tiny_teacher_dir, monkeypatch):
         parse(DMDConfig, {"train": {"gan_min_t_frac": 0.5, "gan_max_t_frac": 0.5}})
 
 
+def test_real_dequantize_spreads_real_data_over_its_grey_level_and_is_off_by_default(tiny_teacher_dir):
+    """train.gan_real_dequantize = w: D's real batch is the feed's plus U(-w/2, w/2) per value, drawn from the
+    trainer's seeded stream; 0 (the default) hands the feed's batch over unchanged and draws nothing."""
+    def batch(**train):
+        tr = _gan_trainer(tiny_teacher_dir, **train)
+        x, _ = tr.real_batch()
+        return x, ListFeed().next(), torch.randn(3, generator=tr.rng)
+    x, (ref, _), after = batch()
+    assert torch.equal(x, ref)
+    w = 0.125
+    xq, (ref, _), after_q = batch(gan_real_dequantize=w)
+    d = xq - ref
+    assert float(d.abs().max()) <= w / 2 and float(d.std()) > 0.6 * w / 12 ** 0.5
+    assert not torch.equal(after, after_q)  # the draw came from the shared stream
+    xq2, _, _ = batch(gan_real_dequantize=w)
+    assert torch.equal(xq, xq2)
+
+
 # --- multi-step generator: backward simulation ---------------------------------------------------------------
 def _unrolled(gen, z, c, k):
     """The generator's first k + 1 steps written out by hand with the denoiser: what sampling does."""

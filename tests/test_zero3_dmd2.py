@@ -19,7 +19,7 @@ from test_zero3 import STEPS, _cfg, _generator_weights, _log, _max_diff, launch,
 from test_zero3 import no_shared_memory_left_behind  # noqa: F401 - the module's leak check, here too
 
 DMD2 = dict(reg_weight=0.0, gan_weight_generator=0.05, gan_weight_fake=0.5, generator_timesteps=[999, 499],
-            fake_t_range="all", lr_generator=1e-3, lr_fake=1e-3)
+            fake_t_range="all", lr_generator=1e-3, lr_fake=1e-3, gan_real_dequantize=0.125)
 KEYS = ("loss_dm", "loss_gan_g", "loss_fake", "loss_gan_d", "d_real", "d_fake", "loss_g", "grad_norm_g",
         "grad_norm_f")
 
