@@ -2,12 +2,12 @@
 combinations of settings across sections, and the files they name. Each refusal is one DMDError line."""
 from pathlib import Path
 
-from engine.backend import gan_on
-from engine.errors import DMDError
-from engine.files import resolve_path
-from engine.kinds import model_kind, teacher_folder
-from engine.losses import check_regression_loss
-from engine.warmstart import init_files
+from .backend import gan_on
+from .errors import DMDError
+from .files import resolve_path
+from .kinds import model_kind, teacher_folder
+from .losses import check_regression_loss
+from .warmstart import init_files
 
 
 def check_config(cfg, args):
@@ -33,6 +33,9 @@ def check_config(cfg, args):
     if tc.gan_weight_generator > 0 and tc.gan_weight_fake == 0:
         raise DMDError("train.gan_weight_generator > 0 needs train.gan_weight_fake > 0: the discriminator head "
                        "is trained only by the fake score's GAN loss")
+    if tc.gan_real_dequantize > 0 and tc.gan_weight_fake == 0:
+        raise DMDError("train.gan_real_dequantize > 0 needs the GAN (train.gan_weight_fake > 0): only the "
+                       "discriminator sees real data")
     if gan_on(tc) and (tc.fake_score != "learned" or tc.dm_weight == 0):
         raise DMDError("DMD2's GAN lives on the learned fake score: it needs train.fake_score = learned and "
                        "train.dm_weight > 0")

@@ -92,8 +92,9 @@ class TrainSection:
     gan_min_t_frac: float = 0.0       # the GAN's noise levels t ~ U[gan_min_t_frac T, gan_max_t_frac T] for D's
     gan_max_t_frac: float = 1.0       # real and generated batches and G's loss (t <= T-1; [0, 1] = DMD2's [0, T));
                                       # a floor hides what D should not judge (e.g. the digits' 17 grey levels)
-    gan_real_dequantize: float = 0.0  # width of uniform noise added to each real batch before D sees it (0 = off);
-                                      # the spacing of quantised real data (digits: 0.125) hides its lattice from D
+    gan_real_dequantize: float = 0.0  # w: D's real batches get U(-w/2, w/2) noise per value (0 = off); set it to
+                                      # the data's quantisation step (digits: 0.125) so D cannot tell real data by
+                                      # its lattice (values may then pass [-1, 1] by w/2); needs the GAN
     real_guidance: float = 1.0        # CFG scale of the real score (text models: 3 for FID, 8 for quality)
     seed: int = 0
     log_every: int = 25
@@ -189,7 +190,8 @@ RULES = {
                      "compile_scope": _choice("generator", "all"), "fake_t_range": _choice("dm", "all"),
                      "dropout": _choice("none", "teacher"), "generator_timesteps": STEPS,
                      "gan_weight_generator": FINITE_NONNEG, "gan_weight_fake": FINITE_NONNEG,
-                     "gan_min_t_frac": FRACTION, "gan_real_dequantize": FINITE_NONNEG, "gan_max_t_frac": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+                     "gan_min_t_frac": FRACTION, "gan_real_dequantize": FINITE_NONNEG,
+                     "gan_max_t_frac": ((lambda v: 0 < v <= 1), "in (0, 1]"),
                      "section": ((lambda s: s.min_t_frac < s.max_t_frac and s.gan_min_t_frac < s.gan_max_t_frac),
                                  "min_t_frac < max_t_frac and gan_min_t_frac < gan_max_t_frac")},
     "DeepSpeedSection": {"zero_stage": _choice(3), "backend": _choice("auto", "nccl", "gloo"),

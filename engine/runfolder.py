@@ -22,6 +22,9 @@ RESUMABLE = {"name", "train.max_steps", "train.log_every", "train.sample_every",
              "train.max_consecutive_skips", "data.loader", "deepspeed.keep_checkpoints",
              "model.init_from"}  # read by a fresh run only: a resume takes its weights from its own checkpoint
 RESUMABLE_SECTIONS = {"eval"}
+# Keys added to the engine after runs were written, whose default is what the engines before them did: a run's
+# config.json without one reads as that default, so the older runs still resume.
+ADDED_AT_DEFAULT = {"train.gan_real_dequantize": 0.0}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -35,9 +38,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _listed(items: list[str], n: int = 5, sep: str = ", ") -> str:
+    return sep.join(items[:n]) + (f"{sep}..." if len(items) > n else "")
+
+
 def config_changes(old: dict, new: dict) -> tuple[dict, list[str]]:
     """({key: [old, new]} allowed on resume, [keys that may not change])."""
-    a, b = _flat(old), _flat(new)
+    a, b = {**ADDED_AT_DEFAULT, **_flat(old)}, _flat(new)
     changed = {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
     bad = [k for k in changed if k not in RESUMABLE and k.split(".")[0] not in RESUMABLE_SECTIONS]
     return changed, bad
@@ -60,12 +67,15 @@ def check(out: Path, resume: bool, overwrite: bool, cfg_dict: dict) -> dict:
             raise DMDError(f"--resume: {saved} is not valid JSON") from None
         changed, bad = config_changes(old, cfg_dict)
         if bad:
-            what = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in bad[:5])
-            older = [k for k in bad if k not in _flat(old)]  # a key this engine has and the run's engine had not
-            hint = (f"; the run's config.json has no {', '.join(older[:3])}: it was written by an older engine, "
-                    f"which is the one to resume it with" if older else "")
+            saved_keys = _flat(old)
+            older = [k for k in bad if k not in saved_keys]  # keys this engine has and the run's engine had not
+            if older and len(older) == len(bad):
+                raise DMDError(f"--resume: the run's config.json has no {_listed(older)}: it was written by an older "
+                               f"engine, which is the one to resume it with (or start a new run in another folder)")
+            what = _listed([f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" if k in saved_keys
+                            else f"{k}: absent (an older engine wrote the run)" for k in bad], sep="; ")
             raise DMDError(f"--resume: the config differs from the run's in keys that define the training ({what}); "
-                           f"resume with the run's config, or start a new run in another folder{hint}")
+                           f"resume with the run's config, or start a new run in another folder")
         return changed
     foreign = sorted(p.name for p in out.iterdir() if p.name not in KEEP) if out.is_dir() else []
     if foreign and not overwrite:

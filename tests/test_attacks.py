@@ -72,6 +72,7 @@ def test_every_rule_refuses_something_and_accepts_the_default():
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.batch_size=0"], "train.batch_size must be > 0"),
     (["--max-steps", "-3"], "--max-steps must be >= 0"),
+    (["--set", "train.gan_real_dequantize=0.1"], "train.gan_real_dequantize > 0 needs the GAN"),
 ])
 def test_bad_values_are_one_line_before_any_work(tmp_path, args, message):
     out = tmp_path / "run"
@@ -122,12 +123,13 @@ def test_resume_accepts_only_run_length_and_logging_changes(tmp_path, tiny_teach
     r = run("engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet", "--resume",
             "--set", "train.lr_generator=0.5", "--set", "train.seed=7")
     assert r.returncode == 2 and "train.lr_generator" in r.stderr and "train.seed" in r.stderr, r.stderr[-2000:]
+    assert "older engine" not in r.stderr
     assert (out / "config.json").read_text() == saved
     older = json.loads(saved)  # a run written before train.fake_t_range existed
     del older["train"]["fake_t_range"]
     (out / "config.json").write_text(json.dumps(older))
     r = run("engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet", "--resume")
-    assert r.returncode == 2 and "has no train.fake_t_range" in r.stderr and "older engine" in r.stderr
+    assert r.returncode == 2 and "has no train.fake_t_range" in r.stderr and "older engine" in r.stderr, r.stderr
     (out / "config.json").write_text(saved)
     r = run("engine/train.py", "--config", str(cfg), "--out", str(out), "--quiet", "--resume",
             "--set", "train.max_steps=3", "--set", "train.log_every=3")
@@ -137,6 +139,18 @@ def test_resume_accepts_only_run_length_and_logging_changes(tmp_path, tiny_teach
     assert lines[2]["resumed_from"] == 2 and lines[2]["config_changes"]["train.max_steps"] == [4, 3]
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 3
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_run_older_than_a_key_added_at_its_old_behaviour_still_resumes():
+    """runfolder.ADDED_AT_DEFAULT: a key a run's config.json lacks counts at its default when that default is what
+    the older engine did; any other value, or a key not listed, is still refused."""
+    from engine.runfolder import config_changes
+    new = {"train": {"lr_fake": 1e-4, "gan_real_dequantize": 0.0, "fake_t_range": "dm"}}
+    old = {"train": {"lr_fake": 1e-4, "fake_t_range": "dm"}}
+    assert config_changes(old, new) == ({}, [])
+    other = {"train": {**new["train"], "gan_real_dequantize": 0.1}}
+    assert config_changes(old, other)[1] == ["train.gan_real_dequantize"]
+    assert config_changes({"train": {"lr_fake": 1e-4}}, new)[1] == ["train.fake_t_range"]
 
 
 # --- bad inputs: one line and exit 2 ---------------------------------------------------------------------------

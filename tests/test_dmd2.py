@@ -155,6 +155,7 @@ def test_real_dequantize_spreads_real_data_over_its_grey_level_and_is_off_by_def
     xq, (ref, _), after_q = batch(gan_real_dequantize=w)
     d = xq - ref
     assert float(d.abs().max()) <= w / 2 and float(d.std()) > 0.6 * w / 12 ** 0.5
+    assert not torch.equal(d[0], d[1])  # a draw per value, not one image for the batch
     assert not torch.equal(after, after_q)  # the draw came from the shared stream
     xq2, _, _ = batch(gan_real_dequantize=w)
     assert torch.equal(xq, xq2)
