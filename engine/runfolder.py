@@ -44,7 +44,8 @@ def _listed(items: list[str], n: int = 5, sep: str = ", ") -> str:
 
 def config_changes(old: dict, new: dict) -> tuple[dict, list[str]]:
     """({key: [old, new]} allowed on resume, [keys that may not change])."""
-    a, b = {**ADDED_AT_DEFAULT, **_flat(old)}, _flat(new)
+    a, b = _flat(old), _flat(new)
+    a.update({k: v for k, v in ADDED_AT_DEFAULT.items() if k not in a and k in b})
     changed = {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
     bad = [k for k in changed if k not in RESUMABLE and k.split(".")[0] not in RESUMABLE_SECTIONS]
     return changed, bad
