@@ -69,80 +69,11 @@ if ARGS.device == "cpu":  # before kernels.* is imported: triton picks the inter
 from engine.losses import distribution_matching_loss  # noqa: E402
 from kernels import dmd, noise  # noqa: E402
 
+from bench.step_models import digits_trainer, sd15_trainer  # noqa: E402
+from bench.timing import copy_bandwidth, device_time, launches, step_profile, sync, timeit  # noqa: E402
+
 DEV = torch.device(ARGS.device)
 CUDA = DEV.type == "cuda"
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def timeit(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / iters
-
-
-def device_time(fn) -> float:
-    """CUDA: median seconds of device time per call (events around each call), with L2 cleared before each call
-    (triton.testing.do_bench), so inputs that fit in the 50 MB L2 are still read from memory, as in a training step
-    where UNet calls run in between. Elsewhere None: the caller uses timeit's wall time."""
-    if not CUDA:
-        return None
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
-
-
-def launches(fn):
-    """(device kernels launched by one call, their summed device time in ms) from torch.profiler, L2 cleared first.
-    The event-timed `ms` column also holds the gaps in which the device waits for the host to launch; the
-    kernels' own time is what the bandwidth target is about. CPU: ("n/a", None)."""
-    if not CUDA:
-        return "n/a", None
-    from torch.profiler import ProfilerActivity, profile
-    flush = torch.empty(64 << 20, dtype=torch.int32, device=DEV)  # 256 MB, larger than any L2
-    fn()  # warm: allocator and autotune caches
-    flush.zero_()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync()
-    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(ev), sum(e.time_range.elapsed_us() for e in ev) / 1e3
-
-
-def step_profile(step) -> dict:
-    """One more step under torch.profiler: device kernels launched, host-device syncs and copies (each one stalls
-    the host's launch queue), and the ops that take the most time (device time on CUDA, CPU time elsewhere)."""
-    from torch.profiler import ProfilerActivity, profile
-    sync()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
-        step()
-        sync()
-    names = [e.name for e in prof.events()]
-    out = {"kernels": sum(e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy")
-                          for e in prof.events()) if CUDA else "n/a",
-           "syncs": sum(n in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for n in names),
-           "host_device_copies": sum(n.startswith(("Memcpy HtoD", "Memcpy DtoH")) for n in names)}
-    key = "self_device_time_total" if CUDA else "self_cpu_time_total"
-    top = sorted(prof.key_averages(), key=lambda a: getattr(a, key, 0), reverse=True)[:8]
-    out["top_ops_ms"] = [[a.key, round(getattr(a, key, 0) / 1e3, 3), a.count] for a in top]
-    return out
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a large device-to-device copy (read + write), the ceiling the kernel rows are measured against."""
-    n = (1 << 28) if CUDA else (1 << 25)  # 1 GiB / 128 MiB of fp32
-    a = torch.empty(n, device=DEV).normal_()
-    b = torch.empty_like(a)
-    t = device_time(lambda: b.copy_(a)) if CUDA else timeit(lambda: b.copy_(a), 5)
-    return 2 * a.numel() * a.element_size() / t / 1e9
 
 
 def compiled(fn):
@@ -206,9 +137,9 @@ def kernel_rows(copy_gbs, dtype, iters):
                 try:
                     # the interpreter is slow: fewer calls for it, but never fewer than one timed call
                     n_it = max(1, iters if (CUDA or impl != "triton") else min(iters, 2))
-                    wall = timeit(fn, n_it, warmup=2 if CUDA or impl != "triton" else 1)
-                    sec = device_time(fn) or wall
-                    n_launch, kernel_ms = launches(fn)
+                    wall = timeit(fn, n_it, DEV, warmup=2 if CUDA or impl != "triton" else 1)
+                    sec = device_time(fn, DEV) or wall
+                    n_launch, kernel_ms = launches(fn, DEV)
                     row = {"shape": name, "dims": list(shape), "op": op, "impl": impl, "ms": sec * 1e3,
                            "wall_ms": wall * 1e3, "launches": n_launch, "kernel_ms": kernel_ms, "bytes": nbytes,
                            "gb_s": nbytes / sec / 1e9}
@@ -237,51 +168,12 @@ def fmt_kernel(r):
 
 
 # --- full training step ----------------------------------------------------------------------------------
-def digits_models(kernels: str, compile_: str | None):
-    from engine.plain import PlainBackend
-    from engine.config import DMDConfig, load
-    from engine.trainer import DMDTrainer
-    cfg = load(ROOT / "configs/digits.json", DMDConfig,
-               ["train.reg_weight=0", f"train.kernels=\"{kernels}\"", f"train.compile={json.dumps(bool(compile_))}",
-                f"train.compile_scope=\"{compile_ or 'generator'}\""])
-    torch.manual_seed(0)
-    models = PlainBackend(cfg, DEV)
-    return DMDTrainer(models, cfg.train, seed=0), cfg.train.batch_size
+def digits_models(kernels, compile_):
+    return digits_trainer(DEV, kernels, compile_)
 
 
-class _FixedPrompt(torch.nn.Module):
-    """SD1.5's UNet with one fixed random text embedding, so the engine's class-free path drives it."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-        self.register_buffer("emb", torch.randn(1, 77, unet.config.cross_attention_dim))
-
-    def forward(self, x, t, **_):
-        return self.unet(x, t, encoder_hidden_states=self.emb.expand(x.shape[0], -1, -1).to(x.dtype)).sample
-
-
-def _sd_models(tc):
-    """engine.plain.PlainBackend around a random-weight SD1.5 UNet teacher (generator and fake score: fp32 copies)."""
-    from engine.plain import PlainBackend
-    from engine.config import DMDConfig
-    from models import Denoiser
-    from models.sd15 import sd15_schedule, sd15_unet
-    torch.manual_seed(0)
-    net, attn = sd15_unet()
-    teacher = Denoiser(_FixedPrompt(net), sd15_schedule(), "epsilon", None, None, (4, 64, 64))
-    m = PlainBackend(DMDConfig(train=tc), DEV, teacher=(teacher, "random weights"))
-    m.teacher.to(torch.bfloat16)  # after the copies were made: the frozen teacher alone is kept in bf16
-    m.attn = attn
-    return m
-
-
-def sd15_trainer(kernels: str, compile_: str | None):
-    from engine.config import TrainSection
-    from engine.trainer import DMDTrainer
-    tc = TrainSection(batch_size=ARGS.sd15_batch, reg_weight=0.0, kernels=kernels, compile=bool(compile_),
-                      compile_scope=compile_ or "generator", lr_generator=1e-6, lr_fake=1e-6)
-    return DMDTrainer(_sd_models(tc), tc, seed=0), tc.batch_size
+def sd15_models(kernels, compile_):
+    return sd15_trainer(DEV, ARGS.sd15_batch, kernels, compile_)
 
 
 def step_rows(iters):
@@ -290,7 +182,7 @@ def step_rows(iters):
     variants = [("eager", "eager", None), ("kernels", "triton", None), ("kernels+compile", "triton", "generator"),
                 ("kernels+compile(all)", "triton", "all")]
     # SD1.5 first: on a time-limited GPU machine the rows that matter most are measured before a cut-off
-    models = [("sd15-unet-bf16", sd15_trainer, None) if CUDA else
+    models = [("sd15-unet-bf16", sd15_models, None) if CUDA else
               ("sd15-unet-bf16", None, "skipped: SD1.5 needs a GPU and no GPU was used in this run"),
               ("digits", digits_models, None)]
     for model, build, skip in models:
@@ -326,20 +218,20 @@ def run_step(build, kernels, comp, iters, autocast):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         step()  # first step: compilation and autotuning, reported separately
-        sync()
+        sync(DEV)
         first = time.perf_counter() - t0
         step()  # warm-up (CUDA graphs record on their second call)
         times = []
         for _ in range(iters):  # each step synchronised on its own: the median is robust to a slow outlier
             t0 = time.perf_counter()
             step()
-            sync()
+            sync(DEV)
             times.append(time.perf_counter() - t0)
         sec = statistics.median(times)
     out = {"samples_per_s": bs / sec, "ms_per_step": sec * 1e3, "ms_per_step_all": [t * 1e3 for t in times],
            "first_step_s": first, "batch": bs,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if CUDA else "n/a"}
-    out["profile"] = step_profile(step)  # after the timed steps and the peak-memory reading: not in either
+    out["profile"] = step_profile(step, DEV)  # after the timed steps and the peak-memory reading: not in either
     if comp:
         failed = [c for c in [trainer.gen, *trainer.compiled_nets] if not c.active]
         out["compiled"] = not failed
@@ -388,7 +280,7 @@ def main():
     import triton
     print(f"# bench/throughput.py on {machine}; torch {torch.__version__}, triton {triton.__version__}, "
           f"{'interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'} Triton, inputs {ARGS.dtype}")
-    copy_gbs = copy_bandwidth()
+    copy_gbs = copy_bandwidth(DEV)
     print(f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s\n")
     RESULT.update({
         "command": " ".join(["python"] + sys.argv), "device": machine, "torch": torch.__version__,
