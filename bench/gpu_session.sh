@@ -44,7 +44,7 @@ run_phase() {  # run_phase NAME CAP_SECONDS: one phase, killed at its cap (0: no
     [ "$cap" -gt 0 ] && lim=(timeout --signal=INT --kill-after=15 "$cap")
     echo "== gpu_session: $name (cap ${cap}s) $(date -u +%H:%M:%S)"
     case "$name" in
-        tests) "${lim[@]}" $PY -m pytest -q -m gpu -rs -p no:logging tests/test_kernels.py tests/test_infer.py \
+        tests) "${lim[@]}" $PY -m pytest -q -m gpu -rs -p no:logging tests/test_kernels.py tests/test_hotpath.py tests/test_infer.py \
             tests/test_end_to_end.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
         latency) "${lim[@]}" $PY "${LATENCY[@]}" --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
         kernels) "${lim[@]}" $PY "${BENCH[@]}" --no-step --json "$OUT/throughput_kernels.json" 2>&1 \
