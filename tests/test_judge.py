@@ -100,4 +100,12 @@ def test_evaluate_reports_fd2_as_a_direct_computation(judge, tmp_path):
         fds = [_fd(f[i], fr) for i in picks]
         assert m[key] == pytest.approx(np.mean(fds), rel=1e-4), key
         assert m[f"{key}_std"] == pytest.approx(np.std(fds), rel=1e-2, abs=1e-5), key
+        # the whole set: its FD, the means' term of it, and the features' spread against the training split's
+        f, fr = np.float64(f), np.float64(fr)
+        assert m[f"{key}_all"] == pytest.approx(_fd(f, fr), rel=1e-4), key
+        assert m[f"{key}_all_mean"] == pytest.approx(((f.mean(0) - fr.mean(0)) ** 2).sum(), rel=1e-4), key
+        spread = ((f - f.mean(0)) ** 2).sum() / (len(f) - 1) / (((fr - fr.mean(0)) ** 2).sum() / (len(fr) - 1))
+        assert m[f"{key}_spread"] == pytest.approx(spread, rel=1e-4), key
+    px, pr = images.reshape(len(images), -1).astype(np.float64), to_uint8(xt).reshape(len(xt), -1).astype(np.float64)
+    assert m["pixel_spread"] == pytest.approx(px.var(0).sum() / pr.var(0).sum(), rel=1e-6)
     assert m["fd2_std"] > 0 and m["subset_size"] == len(yh) and m["subsets"] == subsets

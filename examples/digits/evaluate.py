@@ -10,6 +10,12 @@ the held-out split's size (360) and the mean (and std over 20 random subsets) is
 Two judges, so that settings tuned on one are checked on the other: `fd` uses the digits classifier's
 penultimate features (examples/digits/classifier.py), `fd2` the bottleneck of a denoising autoencoder with
 another architecture, objective and seed (examples/digits/judge.py). Both score the same subsets.
+
+Where a gap comes from: each judge also scores the whole set at once (`fd_all`, less biased than a subset's
+FD) and splits it into the means' term ||mu - mu_ref||^2 (`fd_all_mean`) and the covariances' term (the
+rest); `fd_spread` / `fd2_spread` is the trace of the set's feature covariance over the reference's (below 1:
+less varied than the real digits, as a mode-seeking student tends to be), `pixel_spread` the same for the
+pixel values themselves.
 """
 if __name__ == "__main__":  # run as a script from a checkout: the repo root on sys.path
     import _bootstrap  # noqa: F401
@@ -90,6 +96,7 @@ class Evaluator:
         self.extractors = {"fd": CleanFIDExtractor(self.clf), "fd2": CleanFIDExtractor(load_judge(resolve_path(judge)))}
         ref = to_uint8(load_digits("train", resolution)[0])
         self.ref_stats = {}
+        self.ref_pixel_var = float(ref.reshape(len(ref), -1).astype(np.float64).var(0).sum())
         for key, extractor in self.extractors.items():
             f = clean_fid_features(ref, extractor)
             self.ref_stats[key] = f.mean(0), np.cov(f, rowvar=False)
@@ -105,6 +112,11 @@ class Evaluator:
             feats = clean_fid_features(images, extractor)
             fds = [frechet(feats[i], *self.ref_stats[key]) for i in picks]
             res.update({key: float(np.mean(fds)), f"{key}_std": float(np.std(fds))})
+            mu_ref, cov_ref = self.ref_stats[key]
+            res.update({f"{key}_all": frechet(feats, mu_ref, cov_ref),
+                        f"{key}_all_mean": float(((feats.mean(0) - mu_ref) ** 2).sum()),
+                        f"{key}_spread": float(np.trace(np.cov(feats, rowvar=False)) / np.trace(cov_ref))})
+        res["pixel_spread"] = float(images.reshape(len(images), -1).astype(np.float64).var(0).sum()) / self.ref_pixel_var
         with torch.no_grad():
             pred = self.clf(from_uint8(images)).argmax(1).numpy()
         return {**res, "subset_size": n, "subsets": subsets, "accuracy": float((pred == labels).mean()),
@@ -149,6 +161,10 @@ def main():
           f"{m['subset_size']}): {m['fd']:.3f} ± {m['fd_std']:.3f}")
     print(f"  Frechet distance, judge 2 (digits {SPACE} features, clean-fid, vs train, the same subsets): "
           f"{m['fd2']:.3f} ± {m['fd2_std']:.3f}")
+    for key, judge in (("fd", "judge 1"), ("fd2", "judge 2")):
+        print(f"  the whole set, {judge}: FD {m[key + '_all']:.3f} = means {m[key + '_all_mean']:.3f} + covariances "
+              f"{m[key + '_all'] - m[key + '_all_mean']:.3f}; feature spread {m[key + '_spread']:.3f} x the real digits'")
+    print(f"  pixel spread: {m['pixel_spread']:.3f} x the real digits'")
     print(f"  class accuracy: {100 * m['accuracy']:.2f} %")
     if m["inception_fid"] is None:
         print(f"  Inception FID: not computed (Inception weights not found at {INCEPTION_FILE}; they cannot be "
