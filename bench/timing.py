@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: wall time, device time with L2 cleared, launched kernels and a
+"""Timing functions for the benchmarks: wall time, device time with L2 cleared, launched kernels and a
 profiled step. Each takes the device it measures; on a CPU the device-only figures are None or "n/a"."""
 import time
 

@@ -84,3 +84,28 @@ def test_table_aggregates_seeds_of_each_row(tmp_path):
     (run / "kept.npz").rename(run / "samples.npz")
     os.utime(run / "summary.json", ns=(0, 0))  # a summary older than its config.json: a later run did not finish
     assert table.finished(run, "configs/digits_dmd2.json", sets + ["train.seed=0"], 2) is None
+
+
+def test_breakdown_averages_over_sets_and_seeds_and_skips_older_metrics():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("digits_table", ROOT / "bench" / "digits_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    rng = np.random.default_rng(0)
+
+    def scored():  # one sample set's metrics, as examples/digits/evaluate.py writes them
+        m = {k: float(rng.uniform(1, 3)) for k in table.SCORES + table.BREAKDOWN}
+        m.update(fd_std=0.1, fd2_std=0.1)
+        return m
+    seeds = [[scored() for _ in range(3)] for _ in range(2)]
+    row = table.aggregate("DMD2", 1, [table.mean_of(s) for s in seeds])
+    for k in table.BREAKDOWN:  # the mean over each seed's sets, then over the seeds
+        assert row[k] == pytest.approx(np.mean([np.mean([m[k] for m in s]) for s in seeds])), k
+    lines = table.breakdown([row])
+    assert lines and lines[-1].startswith(f"| DMD2 | {row['fd_all']:.3f} = {row['fd_all_mean']:.3f} + ")
+    # metrics written before the breakdown existed: the row has none of it, and the second table is left out
+    old = [{k: v for k, v in m.items() if k not in table.BREAKDOWN} for m in seeds[0]]
+    row = table.aggregate("DMD", 1, [table.mean_of(old)])
+    assert not any(k in row for k in table.BREAKDOWN) and table.breakdown([row]) == []
+    mixed = table.mean_of(old[:2] + seeds[1][:1])  # a key only some sets have is not averaged over those few
+    assert not any(k in mixed for k in table.BREAKDOWN)

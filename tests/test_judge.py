@@ -107,5 +107,5 @@ def test_evaluate_reports_fd2_as_a_direct_computation(judge, tmp_path):
         spread = ((f - f.mean(0)) ** 2).sum() / (len(f) - 1) / (((fr - fr.mean(0)) ** 2).sum() / (len(fr) - 1))
         assert m[f"{key}_spread"] == pytest.approx(spread, rel=1e-4), key
     px, pr = images.reshape(len(images), -1).astype(np.float64), to_uint8(xt).reshape(len(xt), -1).astype(np.float64)
-    assert m["pixel_spread"] == pytest.approx(px.var(0).sum() / pr.var(0).sum(), rel=1e-6)
+    assert m["pixel_spread"] == pytest.approx(px.var(0, ddof=1).sum() / pr.var(0, ddof=1).sum(), rel=1e-6)
     assert m["fd2_std"] > 0 and m["subset_size"] == len(yh) and m["subsets"] == subsets

@@ -89,6 +89,11 @@ def frechet(feats: np.ndarray, ref_mu, ref_sigma) -> float:
     return float(fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_mu, ref_sigma))
 
 
+def pixel_variance(images: np.ndarray) -> float:
+    """The pixel values' variance over a set, summed over pixels (ddof 1, as np.cov takes the features')."""
+    return float(images.reshape(len(images), -1).astype(np.float64).var(0, ddof=1).sum())
+
+
 class Evaluator:
     def __init__(self, classifier=CLASSIFIER, resolution: int = 8, judge=JUDGE):
         self.clf = load_classifier(resolve_path(classifier))
@@ -96,7 +101,7 @@ class Evaluator:
         self.extractors = {"fd": CleanFIDExtractor(self.clf), "fd2": CleanFIDExtractor(load_judge(resolve_path(judge)))}
         ref = to_uint8(load_digits("train", resolution)[0])
         self.ref_stats = {}
-        self.ref_pixel_var = float(ref.reshape(len(ref), -1).astype(np.float64).var(0).sum())
+        self.ref_pixel_var = pixel_variance(ref)
         for key, extractor in self.extractors.items():
             f = clean_fid_features(ref, extractor)
             self.ref_stats[key] = f.mean(0), np.cov(f, rowvar=False)
@@ -116,7 +121,7 @@ class Evaluator:
             res.update({f"{key}_all": frechet(feats, mu_ref, cov_ref),
                         f"{key}_all_mean": float(((feats.mean(0) - mu_ref) ** 2).sum()),
                         f"{key}_spread": float(np.trace(np.cov(feats, rowvar=False)) / np.trace(cov_ref))})
-        res["pixel_spread"] = float(images.reshape(len(images), -1).astype(np.float64).var(0).sum()) / self.ref_pixel_var
+        res["pixel_spread"] = pixel_variance(images) / self.ref_pixel_var
         with torch.no_grad():
             pred = self.clf(from_uint8(images)).argmax(1).numpy()
         return {**res, "subset_size": n, "subsets": subsets, "accuracy": float((pred == labels).mean()),
