@@ -86,8 +86,8 @@ def steps_of(config: str, overrides: list[str]) -> int:
 
 def mean_of(sets: list[dict]) -> dict:
     """One model's score from its sample sets: the mean, and the spread over the sets (one set: over subsets)."""
-    out = {k: float(np.mean([s[k] for s in sets])) for k in SCORES}
-    out.update({k: float(np.mean([s[k] for s in sets])) for k in BREAKDOWN if all(k in s for s in sets)})
+    present = [k for k in BREAKDOWN if all(k in s for s in sets)]  # metrics written before it lack the breakdown
+    out = {k: float(np.mean([s[k] for s in sets])) for k in (*SCORES, *present)}
     out.update({k + "_std": float(np.std([s[k] for s in sets], ddof=1)) if len(sets) > 1 else sets[0][k + "_std"]
                 for k in SCORES if k != "accuracy"})
     return out
@@ -120,8 +120,8 @@ def breakdown(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["", "Where the gaps come from (whole sample sets against the training split; spread: the trace of the "
-             "covariance over the real digits'; the floor's one set holds the 360 held-out digits, fewer than a model's set, "
-             "so FD's sample-count bias is larger in its row):", "",
+             "covariance over the real digits'; the floor's one set holds the 360 held-out digits, fewer than a "
+             "model's set, so FD's sample-count bias is larger in its row):", "",
              "| | judge 1: FD = means + covariances | judge 1 spread | judge 2: FD = means + covariances "
              "| judge 2 spread | pixel spread |", "|---|---|---|---|---|---|"]
     for r in rows:

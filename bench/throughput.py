@@ -15,6 +15,7 @@ kernels + torch.compile of the generator, kernels + torch.compile of all three n
 On CPU the Triton rows run in the interpreter: they check the code runs, they are not speed figures.
 """
 import argparse
+import functools
 import gc
 import json
 import os
@@ -168,23 +169,15 @@ def fmt_kernel(r):
 
 
 # --- full training step ----------------------------------------------------------------------------------
-def digits_models(kernels, compile_):
-    return digits_trainer(DEV, kernels, compile_)
-
-
-def sd15_models(kernels, compile_):
-    return sd15_trainer(DEV, ARGS.sd15_batch, kernels, compile_)
-
-
 def step_rows(iters):
     rows = []
     # compile scope: None (eager modules), the generator alone, or all three networks (engine/compile.py)
     variants = [("eager", "eager", None), ("kernels", "triton", None), ("kernels+compile", "triton", "generator"),
                 ("kernels+compile(all)", "triton", "all")]
     # SD1.5 first: on a time-limited GPU machine the rows that matter most are measured before a cut-off
-    models = [("sd15-unet-bf16", sd15_models, None) if CUDA else
+    models = [("sd15-unet-bf16", functools.partial(sd15_trainer, DEV, ARGS.sd15_batch), None) if CUDA else
               ("sd15-unet-bf16", None, "skipped: SD1.5 needs a GPU and no GPU was used in this run"),
-              ("digits", digits_models, None)]
+              ("digits", functools.partial(digits_trainer, DEV), None)]
     for model, build, skip in models:
         eager_sps = None
         for name, kernels, comp in variants:

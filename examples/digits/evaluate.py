@@ -168,7 +168,8 @@ def main():
           f"{m['fd2']:.3f} ± {m['fd2_std']:.3f}")
     for key, judge in (("fd", "judge 1"), ("fd2", "judge 2")):
         print(f"  the whole set, {judge}: FD {m[key + '_all']:.3f} = means {m[key + '_all_mean']:.3f} + covariances "
-              f"{m[key + '_all'] - m[key + '_all_mean']:.3f}; feature spread {m[key + '_spread']:.3f} x the real digits'")
+              f"{m[key + '_all'] - m[key + '_all_mean']:.3f}; feature spread {m[key + '_spread']:.3f} x the real "
+              f"digits'")
     print(f"  pixel spread: {m['pixel_spread']:.3f} x the real digits'")
     print(f"  class accuracy: {100 * m['accuracy']:.2f} %")
     if m["inception_fid"] is None:
